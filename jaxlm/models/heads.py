@@ -1,0 +1,87 @@
+"""Heads on top of the Transformer body: LM (tied or untied), masked LM, classification."""
+
+from typing import Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxlm.models.config import ModelConfig
+from jaxlm.models.transformer import Norm, _init, _zeros
+
+Array = jax.Array
+
+
+class LMHead(nn.Module):
+    """Next-token logits. Tied heads reuse the token embedding (`attend`)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array, attend: Callable[[Array], Array]) -> Array:
+        cfg = self.cfg
+        if cfg.tie_embeddings:
+            logits = attend(x)
+        else:
+            kernel = self.param("kernel", _init(cfg, ("embed", "vocab")),
+                                (cfg.d_model, cfg.vocab_size), cfg.weight_dtype)
+            logits = jnp.einsum("btd,dv->btv", x, kernel.astype(cfg.compute_dtype))
+        return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+
+class MLMHead(nn.Module):
+    """BERT's masked-LM head: dense + activation + norm, then tied decoder plus a bias."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array, attend: Callable[[Array], Array]) -> Array:
+        cfg = self.cfg
+        h = nn.Dense(cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                     kernel_init=_init(cfg, ("embed", "embed_out")), bias_init=_zeros(("embed_out",)),
+                     name="transform")(x)
+        h = nn.gelu(h, approximate=cfg.activation == "gelu_tanh")
+        h = Norm(cfg, name="norm")(h)
+        logits = attend(h)
+        bias = self.param("bias", _zeros(("vocab",)), (cfg.vocab_size,), cfg.weight_dtype)
+        logits = logits + bias.astype(logits.dtype)
+        return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+
+class ClassificationHead(nn.Module):
+    """Pool the sequence, then (optionally BERT's tanh pooler) dropout and a linear classifier.
+
+    pooling: 'cls' (first token), 'mean' (over real tokens) or 'last' (last real token, for
+    decoder models).
+    """
+
+    cfg: ModelConfig
+    num_labels: int
+    pooling: str = "cls"
+    pooler: bool = False
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array, padding_mask: Optional[Array]) -> Array:
+        cfg = self.cfg
+        if padding_mask is None:
+            padding_mask = jnp.ones(x.shape[:2], jnp.bool_)
+        if self.pooling == "cls":
+            pooled = x[:, 0]
+        elif self.pooling == "mean":
+            w = padding_mask.astype(jnp.float32)[..., None]
+            pooled = (jnp.sum(x.astype(jnp.float32) * w, 1) / jnp.maximum(w.sum(1), 1.0)).astype(x.dtype)
+        elif self.pooling == "last":
+            last = jnp.maximum(jnp.sum(padding_mask.astype(jnp.int32), 1) - 1, 0)
+            pooled = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+        else:
+            raise ValueError(f"unknown pooling {self.pooling!r}")
+        if self.pooler:
+            pooled = jnp.tanh(nn.Dense(cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                                       kernel_init=_init(cfg, ("embed", "embed_out")),
+                                       bias_init=_zeros(("embed_out",)), name="pooler")(pooled))
+        pooled = nn.Dropout(cfg.dropout, deterministic=self.deterministic)(pooled)
+        logits = nn.Dense(self.num_labels, dtype=jnp.float32, param_dtype=cfg.weight_dtype,
+                          kernel_init=_init(cfg, ("embed", None)), bias_init=_zeros((None,)),
+                          name="classifier")(pooled)
+        return logits

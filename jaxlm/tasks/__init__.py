@@ -1,0 +1,13 @@
+"""Tasks: what a training run optimises. A task owns its inputs, head, loss and metrics;
+the train loop, sharding, checkpoints and logging are shared by all of them."""
+
+from jaxlm.errors import UserError
+from jaxlm.tasks.causal_lm import CausalLMTask
+
+_TASKS = {"causal_lm": CausalLMTask}
+
+
+def get_task(name: str):
+    if name not in _TASKS:
+        raise UserError(f"task={name!r} is not available; choose one of {', '.join(sorted(_TASKS))}")
+    return _TASKS[name]()

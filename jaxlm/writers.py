@@ -1,0 +1,145 @@
+"""Metric writers (clu): console + TensorBoard + DIR/metrics.jsonl (+ Weights & Biases).
+
+Only process 0 writes files; the other hosts log to their console only.
+"""
+
+import json
+import math
+import os
+from typing import Any, Mapping, Optional
+
+import numpy as np
+from absl import logging
+from clu import metric_writers
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _plain(value: Any) -> Any:
+    value = np.asarray(value).item() if np.ndim(value) == 0 else np.asarray(value).tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep them readable.
+    return value
+
+
+class JsonlWriter(metric_writers.MetricWriter):
+    """Appends one JSON object per write_scalars call: {"step": N, "train/loss": …}."""
+
+    def __init__(self, path: str):
+        self._path = path
+        self._file = open(path, "a", encoding="utf-8")
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+        record = {"step": int(step), **{k: _plain(v) for k, v in sorted(scalars.items())}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def write_summaries(self, step, values, metadata=None):
+        pass
+
+    def write_images(self, step, images):
+        pass
+
+    def write_videos(self, step, videos):
+        pass
+
+    def write_audios(self, step, audios, *, sample_rate):
+        pass
+
+    def write_texts(self, step, texts):
+        pass
+
+    def write_histograms(self, step, arrays, num_buckets=None):
+        pass
+
+    def write_pointcloud(self, step, point_clouds, *, point_colors=None, configs=None):
+        pass
+
+    def write_hparams(self, hparams):
+        pass
+
+    def flush(self):
+        self._file.flush()
+
+    def close(self):
+        self._file.close()
+
+
+class WandbWriter(metric_writers.MetricWriter):
+    """Forwards scalars to Weights & Biases (the `wandb` extra)."""
+
+    def __init__(self, project: str, entity: str, name: str, config: dict):
+        try:
+            import wandb  # pylint: disable=import-outside-toplevel
+        except ImportError as e:
+            from jaxlm.errors import UserError  # pylint: disable=import-outside-toplevel
+            raise UserError("wandb.enabled=true needs the wandb package: pip install 'jaxlm[wandb]'") from e
+        self._run = wandb.init(project=project, entity=entity or None, name=name, config=config,
+                               resume="allow")
+
+    def write_scalars(self, step, scalars):
+        self._run.log({k: _plain(v) for k, v in scalars.items()}, step=int(step))
+
+    def write_summaries(self, step, values, metadata=None):
+        pass
+
+    def write_images(self, step, images):
+        pass
+
+    def write_videos(self, step, videos):
+        pass
+
+    def write_audios(self, step, audios, *, sample_rate):
+        pass
+
+    def write_texts(self, step, texts):
+        pass
+
+    def write_histograms(self, step, arrays, num_buckets=None):
+        pass
+
+    def write_pointcloud(self, step, point_clouds, *, point_colors=None, configs=None):
+        pass
+
+    def write_hparams(self, hparams):
+        self._run.config.update(hparams, allow_val_change=True)
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self._run.finish()
+
+
+def truncate_metrics(workdir: str, last_step: int) -> None:
+    """Drops records after `last_step` (a resumed run logs those steps again), atomically."""
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= last_step:
+                    kept.append(line)
+            except (ValueError, KeyError):
+                continue  # A line cut short by a kill: the resumed run rewrites it.
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+def create_writer(workdir: str, is_primary: bool, wandb_config: Optional[Any] = None,
+                  run_config: Optional[dict] = None) -> metric_writers.MetricWriter:
+    if not is_primary:
+        return metric_writers.LoggingWriter()
+    writers = [metric_writers.LoggingWriter(), JsonlWriter(os.path.join(workdir, METRICS_FILE))]
+    try:
+        writers.append(metric_writers.SummaryWriter(workdir))
+    except Exception as e:  # pylint: disable=broad-except
+        logging.warning("TensorBoard writer unavailable (%s); metrics go to metrics.jsonl only", e)
+    if wandb_config is not None and wandb_config.enabled:
+        name = wandb_config.name or os.path.basename(os.path.normpath(workdir))
+        writers.append(WandbWriter(wandb_config.project, wandb_config.entity, name, run_config or {}))
+    return metric_writers.MultiWriter(writers)
