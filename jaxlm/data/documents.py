@@ -1,0 +1,166 @@
+"""Local text files -> clean documents: file globs, document splitting, cleaning, dedup counts.
+
+Everything here is deterministic: the same files and options always give the same documents in
+the same order, which is what lets a prepared dataset be identified by a content hash.
+"""
+
+import dataclasses
+import glob
+import hashlib
+import os
+import unicodedata
+from collections.abc import Iterator, Sequence
+
+from jaxlm.errors import UserError
+
+DOC_SPLITS = ("blank_line", "line", "file")
+
+
+def resolve_files(spec: str | Sequence[str], field: str) -> tuple[str, ...]:
+    """Expands comma-separated paths/globs, in the given order, into absolute file paths.
+
+    A glob's matches are sorted so the order never depends on the filesystem. Every entry must
+    match at least one file; `field` (e.g. 'data.train_file') is named in the error.
+    """
+    patterns = spec.split(",") if isinstance(spec, str) else list(spec)
+    patterns = [p.strip() for p in patterns if p.strip()]
+    if not patterns:
+        raise UserError(f"{field} is empty: set it to a text file, a glob, or comma-separated paths")
+    files: list[str] = []
+    for pattern in patterns:
+        expanded = os.path.expanduser(pattern)
+        if glob.has_magic(expanded):
+            matches = sorted(p for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
+            if not matches:
+                raise UserError(f"{field}: glob {pattern!r} matches no file; fix the pattern")
+        elif os.path.isfile(expanded):
+            matches = [expanded]
+        else:
+            raise UserError(f"{field}: file not found: {pattern}; give an existing text file")
+        for match in matches:
+            absolute = os.path.abspath(match)
+            if absolute not in files:  # A file named twice would silently double its weight.
+                files.append(absolute)
+    return tuple(files)
+
+
+def check_doc_split(doc_split: str) -> None:
+    if doc_split not in DOC_SPLITS:
+        raise UserError(f"data.doc_split={doc_split!r} is invalid; use one of {', '.join(DOC_SPLITS)}")
+
+
+def _read_lines(path: str, field: str) -> Iterator[str]:
+    """Yields the file's lines without line endings (LF or CRLF), rejecting invalid UTF-8."""
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(
+                    f"{field}: {path} line {line_number}: invalid UTF-8 (byte {e.start + 1} of the"
+                    " line); re-encode the file as UTF-8"
+                ) from None
+            if line_number == 1:
+                line = line.removeprefix("\ufeff")  # A UTF-8 byte order mark is not text.
+            yield line.rstrip("\r\n")
+
+
+def raw_documents(path: str, doc_split: str, field: str) -> Iterator[str]:
+    """Yields the file's documents before cleaning (they may be empty or whitespace only)."""
+    has_text = False
+    lines: list[str] = []
+    for line in _read_lines(path, field):
+        blank = not line.strip()
+        has_text = has_text or not blank
+        if doc_split == "line":
+            yield line
+        elif doc_split == "file":
+            lines.append(line)
+        elif blank:  # 'blank_line': a run of blank lines ends a paragraph.
+            if lines:
+                yield "\n".join(lines)
+                lines = []
+        else:
+            lines.append(line)
+    if lines:
+        yield "\n".join(lines)
+    if not has_text:
+        raise UserError(f"{field}: {path} is empty (no text); remove it from {field} or add text")
+
+
+def clean_document(text: str) -> str:
+    """NFC-normalizes (so equal-looking text has equal bytes and tokens) and strips trailing space."""
+    return unicodedata.normalize("NFC", text).rstrip()
+
+
+def document_digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitPlan:
+    """Which documents form a split: raw documents [start, stop) of the files' document stream."""
+
+    files: tuple[str, ...]
+    field: str  # The config field the files came from, for error messages.
+    start: int = 0
+    stop: int | None = None
+
+
+@dataclasses.dataclass
+class SplitCounts:
+    """What cleaning did to one split (documents are counted before cleaning)."""
+
+    documents_read: int = 0
+    empty_dropped: int = 0
+    duplicates_dropped: int = 0  # Exact repeats of an earlier document of the same split.
+    in_train_dropped: int = 0  # Validation documents that appear verbatim in train.
+    kept: int = 0
+    bytes: int = 0  # UTF-8 bytes of the kept documents.
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+def count_raw_documents(files: Sequence[str], doc_split: str, field: str) -> int:
+    return sum(1 for path in files for _ in raw_documents(path, doc_split, field))
+
+
+def clean_documents(
+    plan: SplitPlan,
+    doc_split: str,
+    counts: SplitCounts,
+    *,
+    excluded: set[bytes] | frozenset[bytes] = frozenset(),
+    seen: set[bytes] | None = None,
+) -> Iterator[str]:
+    """Yields the plan's kept documents in order, updating `counts` as it goes.
+
+    A document is dropped when empty after cleaning, when already yielded (exact duplicate), or
+    when its digest is in `excluded` (used to keep train text out of validation). `seen`
+    receives the digests of the kept documents.
+    """
+    seen = set() if seen is None else seen
+    index = 0
+    for path in plan.files:
+        for raw in raw_documents(path, doc_split, plan.field):
+            in_plan = index >= plan.start and (plan.stop is None or index < plan.stop)
+            index += 1
+            if not in_plan:
+                continue
+            counts.documents_read += 1
+            text = clean_document(raw)
+            if not text:
+                counts.empty_dropped += 1
+                continue
+            digest = document_digest(text)
+            if digest in seen:
+                counts.duplicates_dropped += 1
+                continue
+            if digest in excluded:
+                counts.in_train_dropped += 1
+                continue
+            seen.add(digest)
+            counts.kept += 1
+            counts.bytes += len(text.encode("utf-8"))
+            yield text

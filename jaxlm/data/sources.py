@@ -1,0 +1,139 @@
+"""Where text comes from: local text files (prepared by our tfds builder) or a prepared tfds dataset.
+
+Each source gives a `TextCorpus`: two random-access text splits plus a stable dataset id (which
+names the token cache). New kinds of sources only need to produce a `TextCorpus`.
+"""
+
+import dataclasses
+import os
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import tensorflow_datasets as tfds
+
+from jaxlm.data import text_builder
+from jaxlm.errors import UserError
+
+_READ_BATCH = 1024
+
+
+class TextSplit:
+    """One split of a tfds dataset (ArrayRecord random access), seen as a sequence of strings."""
+
+    def __init__(self, data_source: Sequence[Any], text_key: str, name: str):
+        self._source = data_source
+        self._text_key = text_key
+        self.name = name  # The split as the user wrote it, e.g. 'train[:10%]'.
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def read(self, start: int, stop: int) -> list[str]:
+        """Texts of records [start, stop)."""
+        indices = list(range(start, min(stop, len(self))))
+        get_many = getattr(self._source, "__getitems__", None)  # One batched read when offered.
+        records = get_many(indices) if get_many else [self._source[i] for i in indices]
+        return [_as_str(record[self._text_key]) for record in records]
+
+    def batches(self, batch_size: int = _READ_BATCH) -> Iterator[list[str]]:
+        for start in range(0, len(self), batch_size):
+            yield self.read(start, start + batch_size)
+
+    def __iter__(self) -> Iterator[str]:
+        for batch in self.batches():
+            yield from batch
+
+
+def _as_str(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextCorpus:
+    dataset_id: str  # Stable name of the prepared data, usable as a relative path.
+    train: TextSplit
+    eval: TextSplit
+    prep_report: dict  # What preparation did (cleaning counts); {} for tfds datasets.
+
+
+def default_data_dir() -> str:
+    """tfds's default: $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
+    return os.path.expanduser(os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets")
+
+
+def text_files_corpus(data_config, data_dir: str) -> TextCorpus:
+    """`data.train_file` (+ `data.eval_file`): prepared once into data_dir, then reused."""
+    config = text_builder.make_text_files_config(
+        train_file=data_config.train_file,
+        eval_file=data_config.get("eval_file", "") or "",
+        eval_fraction=float(data_config.get("eval_fraction", 0.1)),
+        doc_split=data_config.get("doc_split", "blank_line"),
+    )
+    prepared = text_builder.prepare_text_dataset(config, data_dir)
+    def split(name: str) -> TextSplit:
+        return TextSplit(prepared.builder.as_data_source(name), text_builder.TEXT_FEATURE, name)
+
+    return TextCorpus(
+        dataset_id=f"{prepared.builder.name}/{config.name}",
+        train=split(text_builder.TRAIN_SPLIT),
+        eval=split(text_builder.EVAL_SPLIT),
+        prep_report=prepared.report,
+    )
+
+
+def _prepare_hint(name: str, data_dir: str) -> str:
+    return f"prepare it once with: tfds build {name} --data_dir={data_dir} --file_format=array_record"
+
+
+def tfds_corpus(data_config, data_dir: str) -> TextCorpus:
+    """`data.tfds_name`: a tfds dataset already prepared in data_dir (never downloaded here)."""
+    name = data_config.tfds_name.strip()
+    text_key = data_config.get("text_key", "text")
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:  # tfds raises several types (DatasetNotFoundError, ValueError, ...).
+        raise UserError(
+            f"data.tfds_name={name}: unknown tfds dataset ({type(e).__name__}); check the name"
+        ) from None
+    if not builder.is_prepared():
+        raise UserError(
+            f"data.tfds_name={name}: not prepared in data.data_dir={data_dir};"
+            f" {_prepare_hint(name, data_dir)}"
+        )
+    features = list(builder.info.features.keys())
+    if text_key not in features:
+        raise UserError(
+            f"data.text_key={text_key!r} is not a feature of {name} (it has {', '.join(features)});"
+            " set it to the text feature"
+        )
+    splits = {}
+    for field, default in (("train_split", "train"), ("eval_split", "validation")):
+        split = data_config.get(field, default)
+        try:
+            source = builder.as_data_source(split)
+        except NotImplementedError:
+            raise UserError(
+                f"data.tfds_name={name}: prepared as {builder.info.file_format.value}, which has no"
+                f" random access; {_prepare_hint(name, data_dir)} (in a new data.data_dir)"
+            ) from None
+        except (KeyError, ValueError) as e:
+            available = ", ".join(builder.info.splits.keys())
+            raise UserError(
+                f"data.{field}={split!r}: not a split of {name} ({available}); fix data.{field}"
+            ) from None
+        splits[field] = TextSplit(source, text_key, split)
+    return TextCorpus(
+        dataset_id=re.sub(r"[^A-Za-z0-9_./-]", "_", f"tfds/{builder.info.full_name}"),
+        train=splits["train_split"],
+        eval=splits["eval_split"],
+        prep_report={},
+    )
+
+
+def load_corpus(data_config, data_dir: str) -> TextCorpus:
+    if (data_config.get("train_file", "") or "").strip():
+        return text_files_corpus(data_config, data_dir)
+    if (data_config.get("tfds_name", "") or "").strip():
+        return tfds_corpus(data_config, data_dir)
+    raise UserError("data.train_file and data.tfds_name are both empty; set one of them")

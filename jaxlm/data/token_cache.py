@@ -1,0 +1,157 @@
+"""Tokenize a text split once into one flat token array on disk, then memory-map it.
+
+Layout: <data_dir>/jaxlm_token_cache/<dataset_id>/<split>-<tokenizer fingerprint>.npy holds
+doc_0 EOS doc_1 EOS ... doc_n EOS (EOS after every document: the packing for causal LM), and a
+.json beside it holds the counts needed for bits per byte. Both are written aside and renamed,
+so concurrent hosts or a kill never leave a partial file behind.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator
+
+import numpy as np
+from absl import logging
+
+from jaxlm.data import tokenizer as tokenizer_lib
+from jaxlm.data.sources import TextSplit
+from jaxlm.errors import UserError
+
+CACHE_DIRNAME = "jaxlm_token_cache"
+_ENCODE_BATCH = 1024  # Documents per fast-tokenizer batch call.
+_COPY_CHUNK = 1 << 24  # Tokens per copy step when building the .npy.
+_LOG_EVERY_S = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenSplit:
+    tokens: np.ndarray  # 1-D, read-only memmap of uint16 or uint32.
+    num_documents: int
+    num_bytes: int  # UTF-8 bytes of the split's documents (EOS separators not included).
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32)
+
+
+def cache_paths(
+    data_dir: str, dataset_id: str, split: str, tokenizer_fingerprint: str
+) -> tuple[str, str]:
+    """(.npy path, .json path). Split names like 'train[:10%]' get a safe name plus a hash."""
+    safe_split = re.sub(r"[^A-Za-z0-9_-]+", "_", split).strip("_")
+    if safe_split != split:
+        safe_split += "_" + hashlib.sha256(split.encode()).hexdigest()[:8]
+    name = f"{safe_split}-{tokenizer_fingerprint[:16]}"
+    stem = os.path.join(data_dir, CACHE_DIRNAME, dataset_id, name)
+    return stem + ".npy", stem + ".json"
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    directory, name = os.path.split(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+class _Progress:
+    """Logs tokenization progress at most every few seconds."""
+
+    def __init__(self, label: str, total_documents: int):
+        self._label = label
+        self._total = total_documents
+        self._start = self._last = time.monotonic()
+
+    def update(self, documents: int, tokens: int, num_bytes: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < _LOG_EVERY_S:
+            return
+        self._last = now
+        elapsed = max(now - self._start, 1e-9)
+        logging.info(
+            "Tokenizing %s: %d/%d documents, %d tokens, %.1f MB/s",
+            self._label, documents, self._total, tokens, num_bytes / elapsed / 1e6,
+        )
+
+
+def _encoded_batches(
+    texts: TextSplit, encode: tokenizer_lib.BatchEncoder, eos: int
+) -> Iterator[tuple[list[int], int, int]]:
+    """Yields (flat ids with EOS after each document, documents, bytes) per batch."""
+    for batch in texts.batches(_ENCODE_BATCH):
+        flat: list[int] = []
+        for ids in encode(batch):
+            flat.extend(ids)
+            flat.append(eos)
+        yield flat, len(batch), sum(len(text.encode("utf-8")) for text in batch)
+
+
+def _write_cache(texts: TextSplit, tokenizer, npy_path: str, json_path: str, label: str) -> None:
+    dtype = token_dtype(len(tokenizer))
+    encode = tokenizer_lib.BatchEncoder(tokenizer)
+    eos = tokenizer_lib.eos_id(tokenizer)
+    directory = os.path.dirname(npy_path)
+    os.makedirs(directory, exist_ok=True)
+    progress = _Progress(label, len(texts))
+    documents = tokens = num_bytes = 0
+    # Token counts are unknown up front: stream raw ids to a scratch file, then build the .npy.
+    raw_fd, raw_path = tempfile.mkstemp(prefix=".raw-", suffix=".tmp", dir=directory)
+    npy_fd, npy_tmp = tempfile.mkstemp(prefix=".npy-", suffix=".tmp", dir=directory)
+    os.close(npy_fd)
+    try:
+        with os.fdopen(raw_fd, "wb") as raw:
+            for flat, batch_documents, batch_bytes in _encoded_batches(texts, encode, eos):
+                raw.write(np.asarray(flat, dtype=dtype).tobytes())
+                documents += batch_documents
+                tokens += len(flat)
+                num_bytes += batch_bytes
+                progress.update(documents, tokens, num_bytes)
+        progress.update(documents, tokens, num_bytes, force=True)
+        source = np.memmap(raw_path, dtype=dtype, mode="r", shape=(tokens,))
+        target = np.lib.format.open_memmap(npy_tmp, mode="w+", dtype=dtype, shape=(tokens,))
+        for start in range(0, tokens, _COPY_CHUNK):
+            target[start : start + _COPY_CHUNK] = source[start : start + _COPY_CHUNK]
+        target.flush()
+        del source, target
+        metadata = {
+            "num_documents": documents, "num_tokens": tokens, "num_bytes": num_bytes, "dtype": dtype.name
+        }
+        # The .json goes first: a visible .npy always has its counts beside it.
+        _atomic_write_text(json_path, json.dumps(metadata, indent=2, sort_keys=True))
+        os.replace(npy_tmp, npy_path)
+    finally:
+        for path in (raw_path, npy_tmp):
+            if os.path.exists(path):
+                os.unlink(path)
+
+
+def cached_token_split(texts: TextSplit, tokenizer, *, data_dir: str, dataset_id: str) -> TokenSplit:
+    """The split's token stream, tokenized on first use and memory-mapped afterwards."""
+    if not len(texts):
+        raise UserError(f"split {texts.name!r} of {dataset_id} has no documents; choose another split")
+    fingerprint = tokenizer_lib.fingerprint(tokenizer)
+    npy_path, json_path = cache_paths(data_dir, dataset_id, texts.name, fingerprint)
+    if os.path.exists(npy_path):
+        logging.info("Reusing token cache %s", npy_path)
+    else:
+        _write_cache(texts, tokenizer, npy_path, json_path, f"{dataset_id} {texts.name}")
+        logging.info("Wrote token cache %s", npy_path)
+    with open(json_path) as f:
+        metadata = json.load(f)
+    tokens = np.load(npy_path, mmap_mode="r")
+    return TokenSplit(
+        tokens=tokens, num_documents=metadata["num_documents"], num_bytes=metadata["num_bytes"]
+    )

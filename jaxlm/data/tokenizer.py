@@ -1,0 +1,192 @@
+"""Tokenizers: train the run's own byte-level BPE, or load one from a directory or the hub.
+
+`data.tokenizer` is 'bpe' (the run's own, kept in <workdir>/tokenizer/), a local directory, or a
+hub name. Remote code is never trusted.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+
+import transformers
+from absl import logging
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from jaxlm.errors import UserError
+
+BPE_SPEC = "bpe"
+EOS_TOKEN = "<|endoftext|>"  # Separates documents; also used as BOS.
+PAD_TOKEN = "<|pad|>"
+WORKDIR_TOKENIZER_DIR = "tokenizer"
+_BYTE_ALPHABET_SIZE = 256
+_SPECIAL_TOKENS = (EOS_TOKEN, PAD_TOKEN)  # In this order: EOS gets id 0, PAD id 1.
+
+
+def workdir_tokenizer_dir(workdir: str) -> str:
+    return os.path.join(workdir, WORKDIR_TOKENIZER_DIR)
+
+
+def train_bpe_tokenizer(
+    texts: Iterable[str], vocab_size: int, out_dir: str
+) -> transformers.PreTrainedTokenizerFast:
+    """Trains a byte-level BPE tokenizer on `texts` and saves it into out_dir.
+
+    Deterministic: the same texts give a byte-identical tokenizer.json. The directory appears
+    complete or not at all (written aside, then renamed), so concurrent hosts are safe.
+    """
+    minimum = _BYTE_ALPHABET_SIZE + len(_SPECIAL_TOKENS)
+    if vocab_size < minimum:
+        raise UserError(f"data.bpe_vocab_size={vocab_size} is too small; use at least {minimum}")
+    model = Tokenizer(models.BPE())
+    # add_prefix_space=False: decode(encode(text)) must give the text back unchanged.
+    model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    model.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # Every byte stays encodable.
+        show_progress=False,
+    )
+    model.train_from_iterator(texts, trainer=trainer)
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=model, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=PAD_TOKEN
+    )
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".tokenizer-", dir=parent)
+    os.chmod(staging, 0o755)  # mkdtemp makes it private; the tokenizer is meant to be shared.
+    try:
+        tokenizer.save_pretrained(staging)
+        try:
+            os.rename(staging, out_dir)
+        except OSError:
+            if not os.path.isdir(out_dir):  # Another host finishing first is fine; else a real error.
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logging.info("Trained a byte-level BPE tokenizer (%d tokens) into %s", len(tokenizer), out_dir)
+    return tokenizer
+
+
+def _looks_like_path(spec: str) -> bool:
+    # Hub names are 'name' or 'org/name'; anything else with a slash is meant as a directory.
+    return spec.startswith(("/", ".", "~")) or spec.count("/") > 1
+
+
+def _hub_offline() -> bool:
+    # Read the environment now: huggingface_hub reads it once, at import time.
+    return any(
+        os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE")
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def _from_pretrained(spec: str, local_files_only: bool):
+    return transformers.AutoTokenizer.from_pretrained(
+        spec, local_files_only=local_files_only, trust_remote_code=False
+    )
+
+
+def load_tokenizer(spec: str, workdir: str) -> transformers.PreTrainedTokenizerBase:
+    """Loads the tokenizer named by `data.tokenizer`: 'bpe', a local directory, or a hub name."""
+    spec = spec.strip()
+    if spec == BPE_SPEC:
+        directory = workdir_tokenizer_dir(workdir)
+        if not os.path.isdir(directory):
+            raise UserError(
+                f"data.tokenizer=bpe: {directory} is missing; it is trained on the run's first start,"
+                " so start the run again or restore that directory"
+            )
+        return _from_pretrained(directory, local_files_only=True)
+    expanded = os.path.expanduser(spec)
+    if os.path.isdir(expanded):
+        try:
+            return _from_pretrained(expanded, local_files_only=True)
+        except (OSError, ValueError) as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]  # One line only.
+            raise UserError(
+                f"data.tokenizer={spec}: not a tokenizer directory ({reason}); fix the path"
+            ) from None
+    if not spec or _looks_like_path(spec):
+        raise UserError(
+            f"data.tokenizer={spec!r}: no such directory; give a tokenizer directory or 'bpe'"
+        )
+    try:
+        return _from_pretrained(spec, local_files_only=True)  # The hub cache, without network.
+    except (OSError, ValueError):
+        pass
+    if not _hub_offline():
+        try:
+            return _from_pretrained(spec, local_files_only=False)
+        except (OSError, ValueError):
+            pass
+    raise UserError(
+        f"data.tokenizer={spec}: cannot load it from the hub or its cache; pass a local tokenizer"
+        " directory or 'bpe'"
+    )
+
+
+def eos_id(tokenizer: transformers.PreTrainedTokenizerBase) -> int:
+    """The id that ends each document (GPT-2 style tokenizers call it eos or <|endoftext|>)."""
+    if tokenizer.eos_token_id is not None:
+        return int(tokenizer.eos_token_id)
+    for token in (EOS_TOKEN, "</s>"):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+            return token_id
+    raise UserError(
+        f"data.tokenizer: {tokenizer.name_or_path} has no end-of-sequence token; use a tokenizer"
+        " with one, or 'bpe'"
+    )
+
+
+def pad_id(tokenizer: transformers.PreTrainedTokenizerBase) -> int:
+    """The padding id; tokenizers without one (GPT-2) pad with EOS, which is safe because
+    padded positions always have weight 0."""
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    return eos_id(tokenizer)
+
+
+def fingerprint(tokenizer: transformers.PreTrainedTokenizerBase) -> str:
+    """A hash that changes whenever the tokenizer would produce different ids."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        description = backend.to_str()  # Vocab, merges, normalizer, pre-tokenizer, added tokens.
+    else:
+        description = json.dumps(
+            [type(tokenizer).__name__, sorted(tokenizer.get_vocab().items())], ensure_ascii=False
+        )
+    digest = hashlib.sha256(description.encode("utf-8"))
+    digest.update(str(eos_id(tokenizer)).encode())
+    return digest.hexdigest()
+
+
+def _plain_backend(tokenizer: transformers.PreTrainedTokenizerBase) -> Tokenizer | None:
+    """The fast tokenizer without truncation or padding (documents are encoded whole)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    if backend.truncation is None and backend.padding is None:
+        return backend
+    plain = Tokenizer.from_str(backend.to_str())
+    plain.no_truncation()
+    plain.no_padding()
+    return plain
+
+
+class BatchEncoder:
+    """Encodes batches of documents into token ids, without special tokens."""
+
+    def __init__(self, tokenizer: transformers.PreTrainedTokenizerBase):
+        self._tokenizer = tokenizer
+        self._backend = _plain_backend(tokenizer)
+
+    def __call__(self, texts: Sequence[str]) -> list[list[int]]:
+        if self._backend is None:
+            return self._tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
+        return [encoding.ids for encoding in encode(list(texts), add_special_tokens=False)]
