@@ -35,7 +35,7 @@ def get_config(arg: str = ""):
     c.data.eval_split = "validation"
     c.data.tokenizer = "gpt2"  # A hub name or a local directory holding GPT-2's tokenizer files.
 
-    c.model.vocab_size = 0  # 50,257 from the tokenizer, padded to 50,304 (a multiple of 128).
+    c.model.vocab_size = 50_304  # GPT-2's 50,257 tokens padded to a multiple of 128.
     c.model.num_layers = 12
     c.model.d_model = 768
     c.model.num_heads = 12
@@ -66,5 +66,5 @@ def get_config(arg: str = ""):
         c.checkpoint_every_minutes = 0.0
         c.data.tfds_name, c.data.train_file, c.data.tokenizer = "", corpus_path("tiny_shakespeare"), "bpe"
         c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.d_ff = 2, 64, 4, 256
-        c.model.dtype = "float32"
+        c.model.dtype, c.model.vocab_size = "float32", 0
     return c

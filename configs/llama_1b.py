@@ -33,7 +33,7 @@ def get_config(arg: str = ""):
     c.data.text_key = "text"
     c.data.tokenizer = "meta-llama/Llama-3.2-1B"  # Or a local directory with its tokenizer files.
 
-    c.model.vocab_size = 0
+    c.model.vocab_size = 128_256  # Llama 3's tokenizer; must be >= the tokenizer's size.
     c.model.num_layers = 16
     c.model.d_model = 2048
     c.model.num_heads = 32
@@ -70,5 +70,5 @@ def get_config(arg: str = ""):
         c.data.tfds_name, c.data.train_file, c.data.tokenizer = "", corpus_path("tiny_shakespeare"), "bpe"
         c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.num_kv_heads = 2, 64, 4, 2
         c.model.head_dim, c.model.d_ff, c.model.max_len = 16, 128, 256
-        c.model.dtype = "float32"
+        c.model.dtype, c.model.vocab_size = "float32", 0
     return c

@@ -7,6 +7,7 @@
   orbax reshards whatever mesh wrote the files.
 """
 
+import json
 import os
 import time
 from typing import Any, Optional
@@ -14,6 +15,8 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+
+from jaxlm.errors import UserError
 
 try:  # grain's orbax handler writes one iterator-state file per process.
     import grain.checkpoint as grain_checkpoint
@@ -73,12 +76,31 @@ class Checkpointer:
         return saved
 
     def restore(self, step: int, abstract_state: Any, data_iter: Any = None) -> Any:
-        """Restores the state into the shardings that `abstract_state` carries."""
+        """Restores the state into the shardings that `abstract_state` carries, and the data
+        iterator to the batch after `step`."""
         items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if self.with_data and data_iter is not None:
+        own_file = os.path.join(self.directory, str(step), "data",
+                                f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+        restore_data_here = self.with_data and data_iter is not None and os.path.exists(own_file)
+        if restore_data_here:
             items["data"] = grain_checkpoint.CheckpointRestore(data_iter)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        if data_iter is not None and self.with_data and not restore_data_here:
+            self._restore_data_from_any_host(step, data_iter)
         return restored["state"]
+
+    def _restore_data_from_any_host(self, step: int, data_iter: Any) -> None:
+        """A run resumed with another process count: every host consumed the same number of
+        batches of the same global order, so any host's saved position is this host's too."""
+        data_dir = os.path.join(self.directory, str(step), "data")
+        saved = sorted(f for f in os.listdir(data_dir) if f.startswith("process_")) if os.path.isdir(data_dir) else []
+        if not saved:
+            raise UserError(f"{data_dir}: the checkpoint has no data-iterator state; resume from a complete "
+                            f"checkpoint or use a fresh --workdir")
+        with open(os.path.join(data_dir, saved[0])) as f:
+            data_iter.set_state(json.load(f))
+        logging.info("data: the process count changed since step %d; resumed the data position from %s",
+                     step, saved[0])
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -140,11 +140,27 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise
 
 
+class _OwnInfoOnly:
+    """Keeps INFO lines from jaxlm and clu's progress reports; libraries' INFO chatter (orbax
+    logs a dozen lines per save) is dropped. Warnings and errors always pass.
+    JAXLM_LOG_LEVEL=debug shows everything."""
+
+    KEEP = (os.sep + "jaxlm" + os.sep, "periodic_actions.py", "logging_writer.py")
+
+    def filter(self, record) -> bool:
+        import logging as py_logging  # pylint: disable=import-outside-toplevel
+        return record.levelno >= py_logging.WARNING or any(k in record.pathname for k in self.KEEP)
+
+
 def setup_logging() -> None:
     from absl import logging  # pylint: disable=import-outside-toplevel
     logging.use_absl_handler()
-    logging.set_verbosity(os.environ.get("JAXLM_LOG_LEVEL", "info"))
-    logging.get_absl_handler().python_handler.stream = sys.stderr
+    level = os.environ.get("JAXLM_LOG_LEVEL", "info")
+    logging.set_verbosity(level)
+    handler = logging.get_absl_handler()
+    handler.python_handler.stream = sys.stderr
+    if level != "debug":
+        handler.addFilter(_OwnInfoOnly())
 
 
 if __name__ == "__main__":
