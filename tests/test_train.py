@@ -1,0 +1,126 @@
+"""End to end through the CLI: mesh equivalence, exact resume after kill -9, restore onto another
+mesh, and divergence handling. Real tfds preparation, real orbax checkpoints, real processes."""
+
+import math
+import os
+import random
+import shutil
+import signal
+import time
+
+import pytest
+
+from cli_runner import losses, read_metrics, run_cli, start_cli
+
+CONFIG = "configs/tiny_shakespeare.py"
+MESHES = {
+    "data8": ["--config.mesh.data=8", "--config.mesh.fsdp=1", "--config.mesh.tensor=1"],
+    "fsdp8": ["--config.mesh.data=1", "--config.mesh.fsdp=8", "--config.mesh.tensor=1"],
+    "d2f2t2": ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"],
+}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def twenty_steps(workdir, data_dir):
+    return ["train", f"--config={CONFIG}", f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+            "--config.steps=20", "--config.log_every=1", "--config.eval_every=0",
+            "--config.checkpoint_every=10", "--config.keep_checkpoints=5"]
+
+
+@pytest.fixture(scope="module")
+def one_device_run(tmp_path_factory, data_dir):
+    workdir = str(tmp_path_factory.mktemp("one_device"))
+    run_cli(twenty_steps(workdir, data_dir), devices=1)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def mesh_runs(tmp_path_factory, data_dir, one_device_run):
+    runs = {}
+    for name, flags in MESHES.items():
+        workdir = str(tmp_path_factory.mktemp(name))
+        run_cli(twenty_steps(workdir, data_dir) + flags, devices=8)
+        runs[name] = workdir
+    return runs
+
+
+def assert_close_per_step(got: dict, want: dict, rtol: float, steps):
+    for step in steps:
+        assert step in got and step in want, f"step {step} missing"
+        rel = abs(got[step] - want[step]) / abs(want[step])
+        assert rel <= rtol, f"step {step}: {got[step]} vs {want[step]} (relative {rel:.2e})"
+
+
+@pytest.mark.parametrize("mesh", list(MESHES))
+def test_meshes_match_one_device_every_step(mesh, mesh_runs, one_device_run):
+    baseline = losses(one_device_run)
+    assert sorted(baseline) == list(range(1, 21))
+    assert baseline[20] < baseline[1] - 0.5, "the run should learn something in 20 steps"
+    assert_close_per_step(losses(mesh_runs[mesh]), baseline, 1e-4, range(1, 21))
+    # The final evaluation agrees too.
+    assert_close_per_step(losses(mesh_runs[mesh], "eval/loss"), losses(one_device_run, "eval/loss"), 1e-4, [20])
+
+
+def test_restore_onto_another_mesh(tmp_path, mesh_runs, data_dir):
+    """fsdp=8 wrote step 10; data=2,fsdp=2,tensor=2 resumes it and matches the fsdp run."""
+    source = mesh_runs["fsdp8"]
+    workdir = str(tmp_path / "moved")
+    shutil.copytree(source, workdir)
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "20"))
+    run_cli(twenty_steps(workdir, data_dir) + MESHES["d2f2t2"], devices=8)
+    resumed, original = losses(workdir), losses(source)
+    assert sorted(resumed) == list(range(1, 21))
+    assert_close_per_step(resumed, original, 1e-4, range(11, 21))
+
+
+def runlocal(workdir, data_dir, *extra):
+    return ["train", f"--config={CONFIG}:runlocal", f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+            "--config.steps=30", "--config.log_every=1", "--config.eval_every=0",
+            "--config.checkpoint_every=5", *extra]
+
+
+def test_kill9_then_rerun_is_bitwise_identical(tmp_path, data_dir):
+    straight = str(tmp_path / "straight")
+    run_cli(runlocal(straight, data_dir))
+    killed = str(tmp_path / "killed")
+    kill_after = random.Random().randint(7, 24)  # Random, but after the first checkpoint (step 5).
+    proc = start_cli(runlocal(killed, data_dir), log_path=str(tmp_path / "killed.log"))
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if os.path.exists(os.path.join(killed, "metrics.jsonl")) and max(losses(killed), default=0) >= kill_after:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    logged_before_kill = max(losses(killed))
+    run_cli(runlocal(killed, data_dir))
+    want, got = losses(straight), losses(killed)
+    assert sorted(got) == list(range(1, 31)), f"killed after step {logged_before_kill}"
+    for step in range(1, 31):  # Bitwise: the JSON floats are the float32 losses, exactly.
+        assert got[step] == want[step], f"step {step} differs after kill at {logged_before_kill}"
+    steps = [r["step"] for r in read_metrics(killed)]
+    assert steps == sorted(set(steps)), "metrics.jsonl must hold each step once"
+    assert losses(killed, "eval/loss") == losses(straight, "eval/loss")
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
+    workdir = str(tmp_path / "nan")
+    # A learning rate of 1e30 blows the weights up after the first update.
+    proc = run_cli(runlocal(workdir, data_dir, "--config.optim.learning_rate=1e30", "--config.optim.warmup_steps=0",
+                            "--config.optim.clip_norm=0", "--config.checkpoint_every=1"), check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last_line = proc.stderr.strip().splitlines()[-1]
+    assert "NaN/inf" in last_line and "last good checkpoint is step" in last_line, last_line
+    saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+    logged = losses(workdir)  # Steps logged before the blow-up, all finite.
+    assert saved and logged, "the steps before the blow-up were logged and checkpointed"
+    assert all(math.isfinite(v) for v in logged.values())
+    assert saved[-1] <= max(logged)
+    assert f"last good checkpoint is step {saved[-1]}" in last_line
