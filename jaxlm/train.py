@@ -54,14 +54,6 @@ def resolve_vocab(config: ml_collections.ConfigDict, tokenizer_vocab: int) -> No
                         f"{tokenizer_vocab} tokens; set --config.model.vocab_size=0 to take the tokenizer's")
 
 
-def build_data(config: ml_collections.ConfigDict, workdir: str):
-    """The task's data (tokenizer, resumable train iterator, exact eval batches)."""
-    from jaxlm.data import build_lm_data  # pylint: disable=import-outside-toplevel
-    return build_lm_data(config.data, seq_len=config.seq_len, global_batch_size=config.global_batch_size,
-                         seed=config.seed, workdir=workdir, process_index=jax.process_index(),
-                         process_count=jax.process_count())
-
-
 class Trainer:
     """Holds what the steps need: model, optimizer, shardings, compiled functions."""
 
@@ -72,8 +64,9 @@ class Trainer:
         self.model_config: ModelConfig = config_lib.model_config(config)
         mc = self.model_config
         self.rules = sharding.logical_rules(mesh, mc.num_heads, mc.kv_heads, mc.d_ff, mc.vocab_size)
-        self.train_model = Model(mc, head=self.task.head, deterministic=False)
-        self.eval_model = Model(mc, head=self.task.head, deterministic=True)
+        model_kwargs = self.task.model_kwargs(config)
+        self.train_model = Model(mc, deterministic=False, **model_kwargs)
+        self.eval_model = Model(mc, deterministic=True, **model_kwargs)
         self.tx, self.schedule = make_optimizer(config.optim, config.steps)
 
         # Shardings: params from their logical axes, optimizer state mirrors the params.
@@ -89,13 +82,10 @@ class Trainer:
         self.num_params = count_params(abstract_params)
 
     # -- initialisation ---------------------------------------------------------------------
-    def _dummy_inputs(self) -> dict:
-        return {"tokens": jnp.zeros((1, self.config.seq_len), jnp.int32)}
-
     def _init_params(self, rng):
         # No axis rules here: out_shardings place the params, and flax's DenseGeneral would
         # constrain its flattened kernel with the 3-axis names.
-        return self.eval_model.init(rng, **self._dummy_inputs())["params"]
+        return self.eval_model.init(rng, **self.task.dummy_inputs(self.config))["params"]
 
     def init_state(self, seed: int) -> TrainState:
         """Initialises params and optimizer state directly into their shardings."""
@@ -207,7 +197,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     check_batch_layout(config, mesh)
 
     # == 2. Data: tokenizer, resumable train iterator, exact eval batches =======================
-    data = build_data(config, workdir)
+    data = get_task(config.task).build_data(config, workdir, jax.process_index(), jax.process_count())
     resolve_vocab(config, data.vocab_size)
     config_lib.check_resumable(workdir, config)  # Again, now that vocab_size is known.
 

