@@ -8,6 +8,8 @@ Nothing is written into the workdir until every check that can fail on user inpu
 import json
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any, Optional
 
@@ -31,6 +33,29 @@ from jaxlm.models import Model, ModelConfig, count_params
 from jaxlm.optim import make_optimizer
 from jaxlm.tasks import get_task
 from jaxlm.writers import create_writer, truncate_metrics
+
+
+class PreemptionWatch:
+    """Notices SIGTERM (a TPU maintenance event, a spot reclaim, `tpu/stop.sh`).
+
+    With one process a Python handler sets a flag. With several, every host must stop at the
+    same step: jax's coordination service catches the signal and
+    `reached_preemption_sync_point` returns True on all hosts at one agreed step.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._multihost = jax.process_count() > 1
+        if not self._multihost and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame):  # pylint: disable=unused-argument
+        self.requested = True
+
+    def should_stop(self, step: int) -> bool:
+        if self._multihost:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
 
 
 class TrainingDiverged(RuntimeError):
@@ -239,6 +264,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     pending = None  # Train metrics since the last log, still on device.
     interval_start, interval_steps = time.perf_counter(), 0
     batch: Optional[dict] = first_batch
+    preemption = PreemptionWatch()
     try:
         for step in range(start_step + 1, config.steps + 1):
             if batch is None:
@@ -273,10 +299,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 final.update(scalars)
                 final["step"] = step
                 interval_start, interval_steps = time.perf_counter(), 0
-            if step == config.steps or checkpoint_due(checkpointer, step, config):
+            preempted = preemption.should_stop(step)
+            if preempted or step == config.steps or checkpoint_due(checkpointer, step, config):
+                # Never save a state that went bad since the last log.
                 if pending is not None and jax.device_get(pending.nonfinite_steps.compute()) > 0:
                     raise TrainingDiverged(f"loss or gradient norm became NaN/inf before step {step}")
-                checkpointer.save(step, state, data.train_iter, force=step == config.steps)
+                checkpointer.save(step, state, data.train_iter, force=preempted or step == config.steps)
+            if preempted:
+                logging.warning("preempted: saved step %d; rerun the same command to resume", step)
+                final.update(step=step, preempted=True)
+                break
         if start_step >= config.steps:  # Already finished: report the final evaluation again.
             final.update(evaluate(trainer, eval_fn, state.params, data, config.eval_batches))
             final["step"] = start_step

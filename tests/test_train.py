@@ -83,24 +83,37 @@ def runlocal(workdir, data_dir, *extra):
             "--config.checkpoint_every=5", *extra]
 
 
-def test_kill9_then_rerun_is_bitwise_identical(tmp_path, data_dir):
-    straight = str(tmp_path / "straight")
-    run_cli(runlocal(straight, data_dir))
-    killed = str(tmp_path / "killed")
-    kill_after = random.Random().randint(7, 24)  # Random, but after the first checkpoint (step 5).
-    proc = start_cli(runlocal(killed, data_dir), log_path=str(tmp_path / "killed.log"))
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, data_dir):
+    workdir = str(tmp_path_factory.mktemp("straight"))
+    run_cli(runlocal(workdir, data_dir))
+    return workdir
+
+
+def interrupt_at(workdir, data_dir, after_step: int, sig: int, log_path: str) -> int:
+    """Starts a run, sends `sig` once metrics.jsonl shows `after_step`; returns the exit code."""
+    proc = start_cli(runlocal(workdir, data_dir), log_path=log_path)
     deadline = time.time() + 300
     try:
         while time.time() < deadline and proc.poll() is None:
-            if os.path.exists(os.path.join(killed, "metrics.jsonl")) and max(losses(killed), default=0) >= kill_after:
+            if os.path.exists(os.path.join(workdir, "metrics.jsonl")) and max(losses(workdir), default=0) >= after_step:
                 break
             time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        proc.send_signal(signal.SIGKILL)
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        proc.send_signal(sig)
+        return proc.wait(timeout=120)
     finally:
-        proc.wait(timeout=60)
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_kill9_then_rerun_is_bitwise_identical(tmp_path, data_dir, straight_run):
+    killed = str(tmp_path / "killed")
+    kill_after = random.Random().randint(7, 24)  # Random, but after the first checkpoint (step 5).
+    interrupt_at(killed, data_dir, kill_after, signal.SIGKILL, str(tmp_path / "killed.log"))
     logged_before_kill = max(losses(killed))
     run_cli(runlocal(killed, data_dir))
+    straight = straight_run
     want, got = losses(straight), losses(killed)
     assert sorted(got) == list(range(1, 31)), f"killed after step {logged_before_kill}"
     for step in range(1, 31):  # Bitwise: the JSON floats are the float32 losses, exactly.
@@ -108,6 +121,17 @@ def test_kill9_then_rerun_is_bitwise_identical(tmp_path, data_dir):
     steps = [r["step"] for r in read_metrics(killed)]
     assert steps == sorted(set(steps)), "metrics.jsonl must hold each step once"
     assert losses(killed, "eval/loss") == losses(straight, "eval/loss")
+
+
+def test_sigterm_saves_exits_zero_and_resumes_exactly(tmp_path, data_dir, straight_run):
+    workdir = str(tmp_path / "preempted")
+    code = interrupt_at(workdir, data_dir, 8, signal.SIGTERM, str(tmp_path / "preempted.log"))
+    assert code == 0, open(tmp_path / "preempted.log").read()[-2000:]
+    stopped_at = max(losses(workdir))
+    saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+    assert saved[-1] == stopped_at and stopped_at < 30, (saved, stopped_at)
+    run_cli(runlocal(workdir, data_dir))
+    assert losses(workdir) == losses(straight_run)
 
 
 def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
