@@ -50,7 +50,7 @@ def decay_mask(params: Any, cfg: ml_collections.ConfigDict) -> Any:
         leaf = names[-1]
         if leaf in ("scale", "bias") and not cfg.decay_norms_and_biases:
             return False
-        if any(n == "embed" or n.endswith("embedding") for n in names) and not cfg.decay_embeddings:
+        if leaf == "embedding" and not cfg.decay_embeddings:  # token, position, token-type tables
             return False
         return True
 
@@ -67,8 +67,12 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> tuple[op
     elif cfg.name == "lion":
         opt = optax.lion(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=mask)
     elif cfg.name == "adafactor":
-        opt = optax.adafactor(schedule, weight_decay_rate=cfg.weight_decay or None,
-                              weight_decay_mask=mask)
+        # optax.adafactor adds its decay after the learning rate; decoupled decay (as in adamw)
+        # must be scaled by the schedule, so the chain is spelled out.
+        opt = optax.chain(optax.scale_by_factored_rms(), optax.clip_by_block_rms(1.0),
+                          optax.scale_by_param_block_rms(),
+                          optax.add_decayed_weights(cfg.weight_decay, mask),
+                          optax.scale_by_learning_rate(schedule))
     else:
         opt = optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask),
                           optax.sgd(schedule, momentum=cfg.momentum or None))

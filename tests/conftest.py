@@ -1,0 +1,54 @@
+"""Shared test setup: 8 fake CPU devices for every test, and tiny model configs.
+
+XLA reads XLA_FLAGS once, when the first backend starts, so the flag is set here, before any
+test module (or anything they import) gets to import jax. Tests that want a single device use
+`jax.devices()[:1]`.
+"""
+
+import os
+
+_DEVICE_FLAG = "--xla_force_host_platform_device_count=8"
+if _DEVICE_FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICE_FLAG}".strip()
+
+import dataclasses  # noqa: E402
+
+import pytest  # noqa: E402
+
+from jaxlm.models.config import ModelConfig  # noqa: E402
+
+TINY = dict(vocab_size=64, num_layers=2, d_model=32, num_heads=4, d_ff=64, max_len=16)
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """A GPT-2-style decoder (learned positions, layernorm, gelu, tied) at toy size."""
+    return ModelConfig(**{**TINY, **overrides})
+
+
+def tiny_llama_config(**overrides) -> ModelConfig:
+    """A Llama-style decoder: RoPE, RMSNorm, SwiGLU, no biases, untied, GQA (2 KV heads)."""
+    return tiny_config(**{**dict(positions="rope", norm="rmsnorm", activation="swiglu", use_bias=False,
+                                 tie_embeddings=False, num_kv_heads=2), **overrides})
+
+
+def tiny_bert_config(**overrides) -> ModelConfig:
+    """A BERT-style encoder: bidirectional, post-norm, token types, embedding norm."""
+    return tiny_config(**{**dict(causal=False, norm_position="post", type_vocab_size=2, embed_norm=True),
+                          **overrides})
+
+
+def replace(cfg: ModelConfig, **changes) -> ModelConfig:
+    return dataclasses.replace(cfg, **changes)
+
+
+@pytest.fixture(scope="session")
+def eight_devices():
+    import jax  # pylint: disable=import-outside-toplevel
+    devices = jax.devices()
+    assert len(devices) == 8, f"conftest should give 8 fake CPU devices, got {devices}"
+    return devices
+
+
+# XLA options for tests' own jax.jit calls: the CPU backend's LLVM optimisations cost 2-3x the
+# compile time of these toy graphs and buy nothing at this size. Numerics are unaffected.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
