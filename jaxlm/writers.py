@@ -22,17 +22,8 @@ def _plain(value: Any) -> Any:
     return value
 
 
-class JsonlWriter(metric_writers.MetricWriter):
-    """Appends one JSON object per write_scalars call: {"step": N, "train/loss": …}."""
-
-    def __init__(self, path: str):
-        self._path = path
-        self._file = open(path, "a", encoding="utf-8")
-
-    def write_scalars(self, step: int, scalars: Mapping[str, Any]):
-        record = {"step": int(step), **{k: _plain(v) for k, v in sorted(scalars.items())}}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+class ScalarsOnlyWriter(metric_writers.MetricWriter):
+    """A writer that keeps scalars only; clu's other kinds of summary are ignored."""
 
     def write_summaries(self, step, values, metadata=None):
         pass
@@ -59,13 +50,32 @@ class JsonlWriter(metric_writers.MetricWriter):
         pass
 
     def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+class JsonlWriter(ScalarsOnlyWriter):
+    """Appends one JSON object per write_scalars call: {"step": N, "train/loss": …}."""
+
+    def __init__(self, path: str):
+        self._path = path
+        self._file = open(path, "a", encoding="utf-8")
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+        record = {"step": int(step), **{k: _plain(v) for k, v in sorted(scalars.items())}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def flush(self):
         self._file.flush()
 
     def close(self):
         self._file.close()
 
 
-class WandbWriter(metric_writers.MetricWriter):
+class WandbWriter(ScalarsOnlyWriter):
     """Forwards scalars to Weights & Biases (the `wandb` extra)."""
 
     def __init__(self, project: str, entity: str, name: str, config: dict):
@@ -80,32 +90,8 @@ class WandbWriter(metric_writers.MetricWriter):
     def write_scalars(self, step, scalars):
         self._run.log({k: _plain(v) for k, v in scalars.items()}, step=int(step))
 
-    def write_summaries(self, step, values, metadata=None):
-        pass
-
-    def write_images(self, step, images):
-        pass
-
-    def write_videos(self, step, videos):
-        pass
-
-    def write_audios(self, step, audios, *, sample_rate):
-        pass
-
-    def write_texts(self, step, texts):
-        pass
-
-    def write_histograms(self, step, arrays, num_buckets=None):
-        pass
-
-    def write_pointcloud(self, step, point_clouds, *, point_colors=None, configs=None):
-        pass
-
     def write_hparams(self, hparams):
         self._run.config.update(hparams, allow_val_change=True)
-
-    def flush(self):
-        pass
 
     def close(self):
         self._run.finish()
