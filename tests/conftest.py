@@ -11,6 +11,9 @@ _DEVICE_FLAG = "--xla_force_host_platform_device_count=8"
 if _DEVICE_FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICE_FLAG}".strip()
 
+# libtpu (the tpu extra, for `jaxlm aot`) makes every jax process probe for a TPU; tests run on CPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 import dataclasses  # noqa: E402
 
 import pytest  # noqa: E402

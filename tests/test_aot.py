@@ -1,0 +1,198 @@
+"""`jaxlm aot`: the real train step compiled for TPU topologies on this CPU machine (libtpu).
+
+The three compiles (GPT-2 small on v5e:2x2, Llama 1B on v5p:2x2x2, a model too big for v5e:2x2)
+run as `python -m jaxlm aot` subprocesses started together, so they share the CI machine's cores;
+each test waits for its own. Batch and sequence length are cut to keep the compiles short; the
+model shapes, shardings, optimizer and remat policy are the recipes' own.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jaxlm import aot
+from jaxlm import config as config_lib
+from jaxlm.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GIB = 1024 ** 3
+
+RUNS = {
+    "gpt2": ["--config=configs/gpt2_small.py", "--topology=v5e:2x2",
+             "--config.global_batch_size=16", "--config.seq_len=128"],
+    "llama": ["--config=configs/llama_1b.py", "--topology=v5p:2x2x2",
+              "--config.global_batch_size=8", "--config.seq_len=128"],
+    # ~10B parameters, replicated (data parallel): far beyond a v5e's 16 GiB.
+    "too_big": ["--config=configs/gpt2_small.py", "--topology=v5e:2x2", "--config.global_batch_size=8",
+                "--config.seq_len=128", "--config.model.d_model=8192", "--config.model.num_heads=64",
+                "--config.model.d_ff=32768"],
+    "bad_topology": ["--config=configs/gpt2_small.py", "--topology=v5e:3x3"],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """name -> (returncode, stdout, stderr, JSON report) of `python -m jaxlm aot` with RUNS[name].
+
+    All runs start together at first use, so they share the cores; under pytest-xdist, whose
+    workers would each start all of them, a run starts only when its test asks for it.
+    """
+    tmp = tmp_path_factory.mktemp("aot")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+    procs, done = {}, {}
+
+    def start(name):
+        if name not in procs:
+            with open(tmp / f"{name}.out", "w") as stdout, open(tmp / f"{name}.err", "w") as stderr:
+                procs[name] = subprocess.Popen(
+                    [sys.executable, "-m", "jaxlm", "aot", *RUNS[name], f"--json_out={tmp / f'{name}.json'}"],
+                    cwd=REPO, env=env, stdout=stdout, stderr=stderr)
+
+    def result(name):
+        if name not in done:
+            for other in ([name] if "PYTEST_XDIST_WORKER" in os.environ else RUNS):
+                start(other)
+            returncode = procs[name].wait(timeout=900)
+            out = tmp / f"{name}.json"
+            report = json.loads(out.read_text()) if out.exists() else None
+            done[name] = (returncode, (tmp / f"{name}.out").read_text(), (tmp / f"{name}.err").read_text(), report)
+        return done[name]
+
+    yield result
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def check_fits(rc, stdout, stderr, report, hbm_gib):
+    assert rc == 0, stderr[-3000:]
+    assert report["fits"] and "FITS" in stdout
+    for step in ("train", "eval"):
+        mem = report["memory"][step]
+        assert mem["arguments"] > 0 and mem["temporaries"] > 0 and mem["generated_code"] > 0, mem
+        assert 0 < mem["total"] < hbm_gib * GIB, mem
+    train = report["memory"]["train"]
+    # The donated train state is aliased into its outputs, and counted once.
+    assert train["aliased"] > 0.9 * train["outputs"]
+    assert train["total"] == (train["arguments"] + train["outputs"] - train["aliased"] + train["temporaries"]
+                              + train["generated_code"])
+
+
+def check_flops(report, num_layers):
+    flops = report["flops"]
+    model = flops["analytic_model_per_step"]
+    compiled = flops["compiled_per_step"]
+    assert compiled, flops["method"]
+    # Scanned layers: one loop forward and one backward, each run num_layers times, and XLA's
+    # own figure counts each body once, so it is far below the weighted one.
+    # (XLA may peel an iteration out of a loop: it is then counted outside it.)
+    trips = [loop["trips"] for loop in flops["loops"]]
+    assert len(trips) >= 2 and all(num_layers - 2 <= t <= num_layers for t in trips), flops["loops"]
+    assert flops["xla_cost_analysis_per_device"] * report["num_devices"] < 0.5 * compiled
+    # Compiled vs analytic model FLOPs: the rest is remat recomputation (quantified analytically),
+    # and elementwise work (norms, softmax, the optimizer update).
+    assert abs(compiled / model - 1) < 0.05, (compiled, model)
+    assert abs(compiled / flops["analytic_hardware_per_step"] - 1) < 0.05
+    assert compiled >= flops["analytic_hardware_per_step"] * 0.995  # The matmuls are all there.
+
+
+def test_gpt2_small_on_v5e_2x2(runs):
+    rc, stdout, stderr, report = runs("gpt2")
+    check_fits(rc, stdout, stderr, report, hbm_gib=16)
+    assert report["num_devices"] == 4 and report["device_kind"] == "TPU v5 lite"
+    assert report["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+    assert report["model"]["params"] == 124_475_904  # GPT-2 small, padded vocabulary (50,304).
+    check_flops(report, num_layers=12)
+    # Pure data parallel: gradients are all-reduced, nothing is gathered.
+    coll = report["collectives"]
+    assert coll["all-reduce"]["executed"] > 0 and coll["all-reduce"]["bytes_per_step"] > 0
+    assert coll["all-gather"]["bytes_per_step"] < 0.1 * coll["all-reduce"]["bytes_per_step"]
+
+
+def test_llama_1b_on_v5p_2x2x2(runs):
+    rc, stdout, stderr, report = runs("llama")
+    check_fits(rc, stdout, stderr, report, hbm_gib=95)
+    assert report["num_devices"] == 8 and report["device_kind"] == "TPU v5"
+    assert report["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert report["model"]["params"] == 1_235_814_400
+    # fp32 params + two Adam moments = 12 bytes per parameter, sharded 8 ways (FSDP), donated.
+    state = 12 * report["model"]["params"] / 8
+    assert report["state_bytes_per_device"] == pytest.approx(state, rel=0.01)
+    assert state <= report["memory"]["train"]["arguments"] < state * 1.05
+    check_flops(report, num_layers=16)
+    # FSDP: each layer's weights are gathered inside the scanned loops (forward and backward) and
+    # the gradients reduced back to their shards. libtpu picks the ops (on 8 chips: all-gathers
+    # and all-reduces; at 64 chips it gathers with all-reduces too), so count them together: at
+    # least 2 per layer, moving at least the bf16 layer weights once.
+    coll = report["collectives"]
+    kinds = ("all-gather", "all-reduce", "reduce-scatter")
+    assert sum(coll[k]["executed"] for k in kinds) >= 2 * 16, coll
+    assert coll["all-gather"]["executed"] + coll["reduce-scatter"]["executed"] > 0, coll
+    layer_params = report["model"]["params"] - 128_256 * 2048  # All but the (tied) embedding.
+    assert sum(coll[k]["bytes_per_step"] for k in kinds) >= 2 * layer_params * 7 / 8, coll
+
+
+def test_does_not_fit_exits_3(runs):
+    rc, stdout, stderr, report = runs("too_big")
+    assert rc == aot.EXIT_DOES_NOT_FIT, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("jaxlm: error:")]
+    assert len(lines) == 1 and "does not fit on v5e:2x2" in lines[0] and "16 GiB" in lines[0], stderr
+    assert report["fits"] is False and "DOES NOT FIT" in stdout
+    assert report["state_bytes_per_device"] > 16 * GIB  # 12 bytes x 10B params, replicated.
+
+
+def test_bad_topology_is_a_user_error(runs):
+    rc, _, stderr, _ = runs("bad_topology")
+    assert rc == 2
+    assert "--topology=v5e:3x3" in stderr and "v5p:2x2x2" in stderr, stderr
+
+
+def test_topology_names():
+    assert aot.parse_topology("v5p:2x2x2") == ("v5p", "2x2x2")
+    assert aot.parse_topology("V5E:2x4") == ("v5e", "2x4")
+    for bad in ("v5p-16", "tpu:2x2", "v5e", ""):
+        with pytest.raises(UserError, match="--topology"):
+            aot.parse_topology(bad)
+
+
+def test_vocab_size_and_slices_are_checked():
+    config = config_lib.load_config("configs/gpt2_small.py:runlocal")  # vocab_size=0: from the tokenizer.
+    with pytest.raises(UserError, match="--config.model.vocab_size"):
+        aot.prepare_config(config, 1)
+    config.model.vocab_size = 256
+    assert aot.prepare_config(config, 2).mesh.dcn_data == 2
+    assert config.mesh.dcn_data == 1  # The caller's config is left alone.
+    config.mesh.dcn_data = 2
+    with pytest.raises(UserError, match="--num_slices=4"):
+        aot.prepare_config(config, 4)
+
+
+def test_loop_weighted_flops_match_an_unrolled_program():
+    """The HLO re-analysis on a CPU program: a scanned matmul counts once per iteration."""
+    w = jnp.ones((6, 128, 128), jnp.float32)
+    x = jnp.ones((32, 128), jnp.float32)
+
+    def scanned(w, x):
+        return jax.lax.scan(lambda h, wi: (jnp.tanh(h @ wi), None), x, w)[0]
+
+    def unrolled(w, x):
+        for i in range(w.shape[0]):
+            x = jnp.tanh(x @ w[i])
+        return x
+
+    scan_c = jax.jit(scanned).lower(w, x).compile()
+    unrolled_c = jax.jit(unrolled).lower(w, x).compile()
+    program = aot.HloProgram(scan_c.as_text())
+    weighted, loops = aot.loop_weighted_flops(program)
+    assert [loop["trips"] for loop in loops] == [6]
+    matmuls = 6 * 2 * 32 * 128 * 128
+    assert matmuls <= weighted < 1.05 * matmuls
+    cost = unrolled_c.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    assert weighted == pytest.approx(cost["flops"], rel=0.02)
