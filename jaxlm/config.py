@@ -34,7 +34,10 @@ FIELD_HELP = {
     "checkpoint_every_minutes": "also save when this many minutes passed since the last save (0: off)",
     "keep_checkpoints": "how many recent checkpoints to keep",
     "async_checkpointing": "write checkpoints in the background",
-    "init_from": "a jaxlm run directory or Hugging Face model directory to start from",
+    "init_from": "a jaxlm run directory or Hugging Face model directory to start from (its model and tokenizer win)",
+    "train_time_budget_minutes": "stop training after this many minutes of the loop, then evaluate and save (0: off)",
+    "best_metric": "keep the params of the best evaluation by this metric in DIR/best ('' : off), e.g. eval/f1",
+    "best_mode": "max | min: whether a higher or lower best_metric is better",
     "model.vocab_size": "0: take it from the tokenizer (rounded up to vocab_multiple)",
     "model.vocab_multiple": "vocab padding multiple, so the vocab axis shards evenly",
     "model.num_layers": "Transformer layers",
@@ -75,8 +78,8 @@ FIELD_HELP = {
     "optim.clip_norm": "global gradient norm clip (0: off)",
     "optim.decay_embeddings": "apply weight decay to embeddings too",
     "optim.decay_norms_and_biases": "apply weight decay to norm scales and biases too",
-    "data.train_file": "local text file(s): path, glob or comma-separated list",
-    "data.eval_file": "held-out text file(s); empty: hold out the end of the train files",
+    "data.train_file": "local file(s): path, glob or comma-separated list (text; CSV/TSV/JSONL for classification)",
+    "data.eval_file": "held-out file(s); empty: hold out the end of the train files (classification: random rows)",
     "data.eval_fraction": "fraction of documents held out when there is no eval_file",
     "data.doc_split": "blank_line | line | file: what counts as one document",
     "data.tfds_name": "a prepared tfds dataset by name (lm1b, c4/en, ...) instead of files",
@@ -84,9 +87,23 @@ FIELD_HELP = {
     "data.train_split": "tfds split to train on",
     "data.eval_split": "tfds split to evaluate on",
     "data.data_dir": "tfds data_dir ('' = TFDS_DATA_DIR or ~/tensorflow_datasets)",
+    "data.text_column": "classification: column (CSV/TSV), key (JSONL) or tfds feature holding the text",
+    "data.text_pair_column": "classification: a second text column for sentence pairs ('' = none)",
+    "data.label_column": "classification: column/key/feature holding the label (integer or name)",
+    "data.label_names": "classification: label names in index order, comma-separated ('' = from the train data)",
+    "data.num_labels": "classification: number of classes (0 = from the data)",
+    "data.file_format": "classification files: auto (by extension) | csv | tsv | jsonl",
+    "data.length_buckets": "classification: batch sequence lengths seq_len, seq_len/2, ... (1 = always seq_len)",
     "data.tokenizer": "bpe (train one on the corpus) | a tokenizer directory | a hub name",
     "data.bpe_vocab_size": "vocabulary size of the trained BPE",
     "data.prefetch": "batches prepared ahead of the step",
+    "classification.pooling": "auto (last token for causal models, else cls if the tokenizer has one, else mean) | cls | mean | last",
+    "classification.pooler": "BERT's tanh dense layer on the pooled vector before the classifier",
+    "classification.class_weights": "loss weight per class: '' (equal) | balanced | comma-separated numbers",
+    "classification.positive_label": "positive class of binary precision/recall/F1 ('' = 'positive' if a label, else 1)",
+    "mlm.mask_rate": "fraction of (non-special) tokens selected for prediction",
+    "mlm.mask_token_rate": "of those, the fraction replaced by the mask token",
+    "mlm.random_token_rate": "of those, the fraction replaced by a random token (the rest stay unchanged)",
     "mesh.data": "data-parallel axis size (-1: the devices left over)",
     "mesh.fsdp": "fully-sharded data-parallel axis size (-1: the devices left over)",
     "mesh.tensor": "tensor-parallel axis size (-1: the devices left over)",
@@ -116,6 +133,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.async_checkpointing = True
     c.init_from = ""
+    c.train_time_budget_minutes = 0.0
+    c.best_metric = ""
+    c.best_mode = "max"
 
     model = ModelConfig().to_dict()
     model["vocab_size"] = 0
@@ -130,7 +150,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         train_file="", eval_file="", eval_fraction=0.1, doc_split="blank_line", tfds_name="",
         text_key="text", train_split="train", eval_split="validation", data_dir="",
-        tokenizer="bpe", bpe_vocab_size=1024, prefetch=2))
+        tokenizer="bpe", bpe_vocab_size=1024, prefetch=2,
+        text_column="text", text_pair_column="", label_column="label", label_names="", num_labels=0,
+        file_format="auto", length_buckets=1))
+
+    c.classification = ml_collections.ConfigDict(dict(
+        pooling="auto", pooler=False, class_weights="", positive_label=""))
+    c.mlm = ml_collections.ConfigDict(dict(mask_rate=0.15, mask_token_rate=0.8, random_token_rate=0.1))
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1))
     c.wandb = ml_collections.ConfigDict(dict(enabled=False, project="jaxlm", entity="", name=""))
@@ -243,6 +269,34 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise UserError(problems[0])
     from jaxlm.optim import validate_optim  # Local: optim imports optax, config stays light.
     validate_optim(config.optim)
+    validate_task_fields(config)
+
+
+POOLINGS = ("auto", "cls", "mean", "last")
+
+
+def validate_task_fields(config: ml_collections.ConfigDict) -> None:
+    """The fields of the classification and masked-LM tasks, the time budget and best checkpoint."""
+    if config.train_time_budget_minutes < 0:
+        raise UserError(f"train_time_budget_minutes={config.train_time_budget_minutes}: must be 0 (off) or positive")
+    if config.best_mode not in ("max", "min"):
+        raise UserError(f"best_mode={config.best_mode!r}: choose max or min")
+    if config.best_metric and not config.best_metric.startswith("eval/"):
+        raise UserError(f"best_metric={config.best_metric!r}: name an eval metric, e.g. eval/accuracy or eval/f1")
+    if config.classification.pooling not in POOLINGS:
+        raise UserError(f"classification.pooling={config.classification.pooling!r}: choose one of {', '.join(POOLINGS)}")
+    if config.data.length_buckets < 1:
+        raise UserError(f"data.length_buckets={config.data.length_buckets}: must be 1 (off) or more")
+    if config.data.num_labels < 0:
+        raise UserError(f"data.num_labels={config.data.num_labels}: must be 0 (from the data) or positive")
+    if config.data.file_format not in ("auto", "csv", "tsv", "jsonl"):
+        raise UserError(f"data.file_format={config.data.file_format!r}: choose auto, csv, tsv or jsonl")
+    mlm = config.mlm
+    if not 0.0 < mlm.mask_rate < 1.0:
+        raise UserError(f"mlm.mask_rate={mlm.mask_rate}: must be in (0, 1)")
+    if mlm.mask_token_rate < 0 or mlm.random_token_rate < 0 or mlm.mask_token_rate + mlm.random_token_rate > 1:
+        raise UserError(f"mlm.mask_token_rate={mlm.mask_token_rate} and mlm.random_token_rate="
+                        f"{mlm.random_token_rate}: must be >= 0 and add up to at most 1")
 
 
 # Model fields that decide parameter shapes: a workdir written with other values can't resume.
@@ -264,6 +318,12 @@ def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
     if saved.get("task") != config.task:
         raise UserError(f"--workdir={workdir} holds a {saved.get('task')} run but task={config.task}; "
                         f"use a fresh --workdir")
+    saved_data = saved.get("data", {})
+    for field in ("num_labels", "label_names"):  # The classifier's classes, once resolved.
+        value = config.data.get(field)
+        if saved_data.get(field) and value and _as_list(saved_data[field]) != _as_list(value):
+            raise UserError(f"--workdir={workdir} holds a run with data.{field}={saved_data[field]!r} but the data "
+                            f"now gives {value!r}; use a fresh --workdir or the original data")
     saved_model, model = saved.get("model", {}), config.model.to_dict()
     for field in SHAPE_FIELDS:
         if field == "vocab_size" and model[field] == 0:
@@ -272,6 +332,12 @@ def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
             raise UserError(
                 f"--workdir={workdir} holds a run with model.{field}={saved_model[field]!r} but the config "
                 f"says {model[field]!r}; use a fresh --workdir or set --config.model.{field}={saved_model[field]}")
+
+
+def _as_list(value: Any) -> Any:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

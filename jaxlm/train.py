@@ -26,7 +26,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxlm import config as config_lib
 from jaxlm import metrics as metrics_lib
+from jaxlm import pretrained as pretrained_lib
 from jaxlm import sharding
+from jaxlm.best_checkpoint import BestCheckpoint, write_json_atomically
 from jaxlm.checkpoint import Checkpointer, abstract_with_shardings
 from jaxlm.errors import UserError
 from jaxlm.models import Model, ModelConfig, count_params
@@ -112,15 +114,25 @@ class Trainer:
         # constrain its flattened kernel with the 3-axis names.
         return self.eval_model.init(rng, **self.task.dummy_inputs(self.config))["params"]
 
-    def init_state(self, seed: int) -> TrainState:
-        """Initialises params and optimizer state directly into their shardings."""
+    def init_state(self, seed: int, pretrained: Optional[dict] = None) -> TrainState:
+        """Initialises params and optimizer state directly into their shardings.
 
-        def init(rng):
-            params = nn.unbox(self._init_params(rng))
+        pretrained: numpy arrays for part of the params (same paths and shapes, e.g. the body of
+        an init_from source); they replace the fresh values, the rest (a new head) stays fresh.
+        """
+        pretrained = pretrained or {}
+        shardings = _subtree(self.param_shardings, pretrained)
+        # Global arrays in the params' shardings: every host reads its own shards only.
+        pretrained = jax.tree.map(
+            lambda a, s: jax.make_array_from_callback(a.shape, s, lambda index, a=a: a[index]), pretrained, shardings)
+
+        def init(rng, loaded):
+            params = _overlay(nn.unbox(self._init_params(rng)), loaded)
             return TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=self.tx.init(params))
 
         with sharding.mesh_context(self.mesh):
-            return jax.jit(init, out_shardings=self.state_shardings)(jax.random.key(seed))
+            return jax.jit(init, in_shardings=(None, shardings),
+                           out_shardings=self.state_shardings)(jax.random.key(seed), pretrained)
 
     def abstract_sharded_state(self) -> TrainState:
         return abstract_with_shardings(self.abstract_state, self.state_shardings)
@@ -170,23 +182,85 @@ class Trainer:
             logits = self.eval_model.apply({"params": params}, **self.task.model_inputs(batch))
         return self.task.eval_metrics(logits, batch)
 
-    def compile(self, batch_example: dict):
-        """AOT-compiles the train and eval steps for this mesh (also used by `jaxlm aot`)."""
+    def _batch_abstract(self, batch_example: dict):
         batch_shardings = {k: sharding.batch_sharding(self.mesh, v.ndim) for k, v in batch_example.items()}
         batch_abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shardings[k])
                           for k, v in batch_example.items()}
+        return batch_shardings, batch_abstract
+
+    def compile_train(self, batch_example: dict):
+        """AOT-compiles the train step for global batches shaped like `batch_example`."""
+        batch_shardings, batch_abstract = self._batch_abstract(batch_example)
         train = jax.jit(self.train_step, in_shardings=(self.state_shardings, batch_shardings),
                         out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+        with sharding.mesh_context(self.mesh):
+            return train.lower(self.abstract_sharded_state(), batch_abstract).compile()
+
+    def compile_eval(self, batch_example: dict):
+        batch_shardings, batch_abstract = self._batch_abstract(batch_example)
         evaluate = jax.jit(self.eval_step, in_shardings=(self.param_shardings, batch_shardings))
         with sharding.mesh_context(self.mesh):
-            train_c = train.lower(self.abstract_sharded_state(), batch_abstract).compile()
-            eval_c = evaluate.lower(abstract_with_shardings(self.abstract_state.params, self.param_shardings),
-                                    batch_abstract).compile()
-        return train_c, eval_c
+            return evaluate.lower(abstract_with_shardings(self.abstract_state.params, self.param_shardings),
+                                  batch_abstract).compile()
+
+    def compile(self, batch_example: dict):
+        """AOT-compiles the train and eval steps for this mesh (also used by `jaxlm aot`)."""
+        return self.compile_train(batch_example), self.compile_eval(batch_example)
+
+
+def _subtree(tree: Any, like: dict) -> Any:
+    """The part of `tree` at the paths of the nested dict `like`."""
+    if isinstance(like, dict):
+        return {k: _subtree(tree[k], v) for k, v in like.items()}
+    return tree
+
+
+def _overlay(params: Any, loaded: Any) -> Any:
+    """params with the leaves that `loaded` (a nested dict over some of its paths) has replaced."""
+    if isinstance(loaded, dict):
+        return {k: _overlay(v, loaded[k]) if k in loaded else v for k, v in params.items()}
+    return loaded
+
+
+class CompiledSteps:
+    """The train and eval steps, compiled once per global batch shape (length-bucketed data has a
+    few shapes; a plain run has one)."""
+
+    def __init__(self, trainer: Trainer):
+        self._trainer = trainer
+        self._train: dict = {}
+        self._eval: dict = {}
+
+    @staticmethod
+    def _key(batch: dict) -> tuple:
+        return tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items()))
+
+    def compiled_train(self, batch: dict):
+        key = self._key(batch)
+        if key not in self._train:
+            if self._train:
+                logging.info("compiling the train step for another batch shape: %s",
+                             {k: tuple(v.shape) for k, v in batch.items()})
+            self._train[key] = self._trainer.compile_train(batch)
+        return self._train[key]
+
+    def train(self, state: TrainState, batch: dict):
+        return self.compiled_train(batch)(state, batch)
+
+    def eval(self, params, batch: dict):
+        key = self._key(batch)
+        if key not in self._eval:
+            self._eval[key] = self._trainer.compile_eval(batch)
+        return self._eval[key](params, batch)
 
 
 def evaluate(trainer: Trainer, eval_fn, params, data, max_batches: int = 0) -> dict:
     """Metrics over the whole eval split (or its first max_batches batches)."""
+    return evaluate_with_report(trainer, eval_fn, params, data, max_batches)[0]
+
+
+def evaluate_with_report(trainer: Trainer, eval_fn, params, data, max_batches: int = 0) -> tuple[dict, dict]:
+    """(scalars for the writers, the task's full eval report: e.g. per-class values, confusion matrix)."""
     totals = None
     for i, batch in enumerate(data.eval_batches()):
         if max_batches and i >= max_batches:
@@ -195,7 +269,31 @@ def evaluate(trainer: Trainer, eval_fn, params, data, max_batches: int = 0) -> d
         totals = update if totals is None else totals.merge(update)
     if totals is None:
         raise UserError("the eval split yielded no batches: check data.eval_file / data.eval_split")
-    return trainer.task.eval_summary(jax.device_get(totals.compute()), data)
+    computed = jax.device_get(totals.compute())
+    scalars = trainer.task.eval_summary(computed, data)
+    report = trainer.task.eval_report(computed, data) if hasattr(trainer.task, "eval_report") else dict(scalars)
+    return scalars, report
+
+
+EVAL_REPORT = "eval_report.json"
+
+
+def write_eval_report(workdir: str, step: int, report: dict) -> None:
+    """DIR/eval_report.json: the latest evaluation in full (process 0 only)."""
+    if jax.process_index() == 0:
+        write_json_atomically(os.path.join(workdir, EVAL_REPORT), {"step": step, **report})
+
+
+def time_budget_spent(loop_start: float, step: int, config: ml_collections.ConfigDict) -> bool:
+    """train_time_budget_minutes is used up (hosts agree at log steps, as for time-based saves)."""
+    if not config.train_time_budget_minutes:
+        return False
+    if jax.process_count() > 1 and step % config.log_every:
+        return False
+    spent = time.monotonic() - loop_start >= 60 * config.train_time_budget_minutes
+    if jax.process_count() > 1:
+        spent = bool(multihost_utils.broadcast_one_to_all(jnp.array(spent)))
+    return spent
 
 
 def check_batch_layout(config: ml_collections.ConfigDict, mesh) -> None:
@@ -216,6 +314,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     is_primary = jax.process_index() == 0
 
     # == 1. Validate: config, workdir, mesh (nothing is written before these pass) ============
+    init_source = pretrained_lib.resolve_init_from(config)  # Its model and tokenizer replace the config's.
     config_lib.validate(config)
     config_lib.check_resumable(workdir, config)
     mesh = sharding.make_mesh(config.mesh)
@@ -245,17 +344,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if is_primary:
             truncate_metrics(workdir, latest)
     else:
-        state = trainer.init_state(config.seed)
+        loaded = init_source.load(trainer.abstract_state.params) if init_source else None
+        state = trainer.init_state(config.seed, pretrained=loaded)
+        del loaded
     start_step = int(jax.device_get(state.step))
+    best = BestCheckpoint(workdir, config.best_metric, config.best_mode) if config.best_metric else None
 
     # == 5. Writers, progress, compiled steps =================================================
     writer = create_writer(workdir, is_primary, config.wandb, config.to_dict())
     progress = periodic_actions.ReportProgress(num_train_steps=config.steps, every_steps=config.log_every,
                                                writer=metric_writers.LoggingWriter())
     first_batch = next(data.train_iter)
-    train_fn, eval_fn = trainer.compile(first_batch)
-    tokens_per_step = config.global_batch_size * config.seq_len
-    flops_per_step = metrics_lib.train_flops_per_token(trainer.model_config, config.seq_len) * tokens_per_step
+    steps = CompiledSteps(trainer)
+    steps.compiled_train(sharding.to_global(first_batch, mesh))  # Compiled before the loop's clock starts.
+    train_fn, eval_fn = steps.train, steps.eval
+    vocab_projection = trainer.task.head in ("lm", "mlm")  # A classifier's head is tiny.
     peak, peak_source = metrics_lib.device_peak_flops()
     metrics_lib.log_mfu_source(peak_source)
 
@@ -263,20 +366,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     final: dict = {}
     pending = None  # Train metrics since the last log, still on device.
     interval_start, interval_steps = time.perf_counter(), 0
+    interval_tokens, interval_flops = 0, 0.0  # From each batch's real shape (bucketing varies it).
     batch: Optional[dict] = first_batch
     preemption = PreemptionWatch()
+    loop_start = time.monotonic()
     try:
         for step in range(start_step + 1, config.steps + 1):
             if batch is None:
                 batch = next(data.train_iter)
             state, step_metrics = train_fn(state, sharding.to_global(batch, mesh))
+            length = metrics_lib.batch_length(batch, config.seq_len)
+            interval_tokens += config.global_batch_size * length
+            interval_flops += config.global_batch_size * length * metrics_lib.train_flops_per_token(
+                trainer.model_config, length, vocab_projection)
             batch = None
             pending = step_metrics if pending is None else pending.merge(step_metrics)
             interval_steps += 1
             progress(step)
+            out_of_time = time_budget_spent(loop_start, step, config)
+            last = step == config.steps or out_of_time  # Evaluate and save as at the end.
 
             scalars = {}
-            if step % config.log_every == 0 or step == config.steps:
+            if step % config.log_every == 0 or last:
                 computed = jax.device_get(pending.compute())
                 pending = None
                 if computed["nonfinite_steps"] > 0:
@@ -287,27 +398,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 scalars.update({
                     "train/loss": computed["loss"], "train/grad_norm": computed["grad_norm"],
                     "train/learning_rate": computed["learning_rate"],
-                    "train/tokens_per_sec": tokens_per_step / step_time,
+                    "train/tokens_per_sec": interval_tokens / elapsed,
+                    "train/examples_per_sec": config.global_batch_size / step_time,
                     "train/step_time": step_time,
-                    "train/mfu": flops_per_step / step_time / (peak * jax.device_count()),
+                    "train/mfu": interval_flops / elapsed / (peak * jax.device_count()),
                 })
-            if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
-                scalars.update(evaluate(trainer, eval_fn, state.params, data, config.eval_batches))
+            if (config.eval_every and step % config.eval_every == 0) or last:
+                eval_scalars, report = evaluate_with_report(trainer, eval_fn, state.params, data,
+                                                            config.eval_batches)
+                scalars.update(eval_scalars)
+                write_eval_report(workdir, step, report)
+                if best is not None:
+                    best.update(step, eval_scalars, state.params, report)
             if scalars:
                 writer.write_scalars(step, scalars)
                 writer.flush()
                 final.update(scalars)
                 final["step"] = step
                 interval_start, interval_steps = time.perf_counter(), 0
+                interval_tokens, interval_flops = 0, 0.0
             preempted = preemption.should_stop(step)
-            if preempted or step == config.steps or checkpoint_due(checkpointer, step, config):
+            if preempted or last or checkpoint_due(checkpointer, step, config):
                 # Never save a state that went bad since the last log.
                 if pending is not None and jax.device_get(pending.nonfinite_steps.compute()) > 0:
                     raise TrainingDiverged(f"loss or gradient norm became NaN/inf before step {step}")
-                checkpointer.save(step, state, data.train_iter, force=preempted or step == config.steps)
+                checkpointer.save(step, state, data.train_iter, force=preempted or last)
             if preempted:
                 logging.warning("preempted: saved step %d; rerun the same command to resume", step)
                 final.update(step=step, preempted=True)
+                break
+            if out_of_time:
+                logging.info("train_time_budget_minutes=%g spent at step %d: evaluated and saved; rerunning "
+                             "the same command trains on for another budget", config.train_time_budget_minutes, step)
+                final.update(step=step, time_budget_spent=True, train_loop_seconds=time.monotonic() - loop_start)
                 break
         if start_step >= config.steps:  # Already finished: report the final evaluation again.
             final.update(evaluate(trainer, eval_fn, state.params, data, config.eval_batches))
@@ -319,6 +442,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                f"in {checkpointer.directory}: lower optim.learning_rate or raise "
                                f"optim.warmup_steps, then rerun to resume from it") from None
     checkpointer.close()
+    if best is not None:
+        best.close()
     writer.close()
     final["wall_seconds"] = time.time() - start_time
     return final
@@ -336,8 +461,9 @@ def checkpoint_due(checkpointer: Checkpointer, step: int, config: ml_collections
 
 
 def format_final(final: dict) -> str:
-    keys = [k for k in ("train/loss", "eval/loss", "eval/accuracy", "eval/perplexity", "eval/bits_per_byte",
-                        "train/tokens_per_sec", "train/mfu") if k in final]
+    keys = [k for k in ("train/loss", "eval/loss", "eval/accuracy", "eval/f1", "eval/perplexity",
+                        "eval/bits_per_byte", "train/tokens_per_sec", "train/examples_per_sec", "train/mfu")
+            if k in final]
     parts = [f"{k}={final[k]:.4g}" for k in keys]
     return f"final (step {final.get('step')}, {final.get('wall_seconds', 0):.0f}s): " + "  ".join(parts)
 

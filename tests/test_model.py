@@ -218,7 +218,7 @@ def decode_run(cfg, params, tokens, prefill: int, padding_mask=None, positions=N
     sized = abstract_variables(model, batch, cfg.max_len)["cache"]
     cache = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), sized)
     key = sized["body"]["layers" if cfg.scan_layers else "layers_0"]["attn"]["cached_key"]
-    assert key.shape[-3:] == (cfg.max_len, cfg.kv_heads, cfg.dim_per_head)
+    assert key.shape[-3:] == (cfg.kv_heads, cfg.max_len, cfg.dim_per_head)  # head-major
     if positions is None:
         positions = np.broadcast_to(np.arange(length), tokens.shape)
     if padding_mask is None:

@@ -42,13 +42,15 @@ def _bounded_texts(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
             return
 
 
-def _tokenizer(data_config, corpus: sources.TextCorpus, workdir: str):
+def run_tokenizer(data_config, train_texts: Iterable[str], workdir: str, mask_token: bool = False):
+    """The tokenizer data.tokenizer names; 'bpe' is trained on train_texts at the run's first start
+    (with a mask token when `mask_token`)."""
     spec = (data_config.get("tokenizer", tokenizer_lib.BPE_SPEC) or "").strip()
     directory = tokenizer_lib.workdir_tokenizer_dir(workdir)
     if spec == tokenizer_lib.BPE_SPEC and not os.path.isdir(directory):
         vocab_size = int(data_config.get("bpe_vocab_size", 1024))
-        texts = _bounded_texts(corpus.train, BPE_TRAINING_MAX_BYTES)
-        tokenizer_lib.train_bpe_tokenizer(texts, vocab_size, directory)
+        texts = _bounded_texts(train_texts, BPE_TRAINING_MAX_BYTES)
+        tokenizer_lib.train_bpe_tokenizer(texts, vocab_size, directory, mask_token=mask_token)
     tokenizer = tokenizer_lib.load_tokenizer(spec, workdir)
     requested = int(data_config.get("bpe_vocab_size", len(tokenizer)))
     if spec == tokenizer_lib.BPE_SPEC and len(tokenizer) != requested:
@@ -79,7 +81,7 @@ def build_lm_data(
     data_dir = (data_config.get("data_dir", "") or "").strip()
     data_dir = os.path.expanduser(data_dir) if data_dir else sources.default_data_dir()
     corpus = sources.load_corpus(data_config, data_dir)
-    tokenizer = _tokenizer(data_config, corpus, workdir)
+    tokenizer = run_tokenizer(data_config, corpus.train, workdir)
     fingerprint = tokenizer_lib.fingerprint(tokenizer)
     cache = functools.partial(
         token_cache.cached_token_split,

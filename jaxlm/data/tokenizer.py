@@ -20,6 +20,7 @@ from jaxlm.errors import UserError
 BPE_SPEC = "bpe"
 EOS_TOKEN = "<|endoftext|>"  # Separates documents; also used as BOS.
 PAD_TOKEN = "<|pad|>"
+MASK_TOKEN = "<|mask|>"  # Only in BPEs trained for masked-LM runs (id 2).
 WORKDIR_TOKENIZER_DIR = "tokenizer"
 _BYTE_ALPHABET_SIZE = 256
 _SPECIAL_TOKENS = (EOS_TOKEN, PAD_TOKEN)  # In this order: EOS gets id 0, PAD id 1.
@@ -30,14 +31,17 @@ def workdir_tokenizer_dir(workdir: str) -> str:
 
 
 def train_bpe_tokenizer(
-    texts: Iterable[str], vocab_size: int, out_dir: str
+    texts: Iterable[str], vocab_size: int, out_dir: str, mask_token: bool = False
 ) -> transformers.PreTrainedTokenizerFast:
     """Trains a byte-level BPE tokenizer on `texts` and saves it into out_dir.
+
+    mask_token: also reserve MASK_TOKEN (masked-LM pretraining needs one).
 
     Deterministic: the same texts give a byte-identical tokenizer.json. The directory appears
     complete or not at all (written aside, then renamed), so concurrent hosts are safe.
     """
-    minimum = _BYTE_ALPHABET_SIZE + len(_SPECIAL_TOKENS)
+    specials = _SPECIAL_TOKENS + ((MASK_TOKEN,) if mask_token else ())
+    minimum = _BYTE_ALPHABET_SIZE + len(specials)
     if vocab_size < minimum:
         raise UserError(f"data.bpe_vocab_size={vocab_size} is too small; use at least {minimum}")
     model = Tokenizer(models.BPE())
@@ -46,13 +50,14 @@ def train_bpe_tokenizer(
     model.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(_SPECIAL_TOKENS),
+        special_tokens=list(specials),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # Every byte stays encodable.
         show_progress=False,
     )
     model.train_from_iterator(texts, trainer=trainer)
     tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=model, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=PAD_TOKEN
+        tokenizer_object=model, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
+        **({"mask_token": MASK_TOKEN} if mask_token else {})
     )
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
@@ -130,13 +135,16 @@ def load_tokenizer(spec: str, workdir: str) -> transformers.PreTrainedTokenizerB
 
 
 def eos_id(tokenizer: transformers.PreTrainedTokenizerBase) -> int:
-    """The id that ends each document (GPT-2 style tokenizers call it eos or <|endoftext|>)."""
+    """The id that ends each document (GPT-2 style tokenizers call it eos or <|endoftext|>; BERT's
+    is [SEP])."""
     if tokenizer.eos_token_id is not None:
         return int(tokenizer.eos_token_id)
     for token in (EOS_TOKEN, "</s>"):
         token_id = tokenizer.convert_tokens_to_ids(token)
         if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
             return token_id
+    if tokenizer.sep_token_id is not None:  # BERT-style tokenizers end sequences with [SEP].
+        return int(tokenizer.sep_token_id)
     raise UserError(
         f"data.tokenizer: {tokenizer.name_or_path} has no end-of-sequence token; use a tokenizer"
         " with one, or 'bpe'"

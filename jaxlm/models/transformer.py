@@ -143,9 +143,9 @@ class Projection(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention with grouped KV heads (MHA, GQA, MQA) and an optional KV cache.
 
-    In decode mode the cache holds `max_len` slots per example; each call writes its keys at
-    `cache_index` and attends to every valid slot at or before the query's slot, which covers
-    both the prefill (many tokens) and single-token steps with the same code.
+    In decode mode the cache holds `max_len` slots per example (head-major); each call writes
+    its keys at `cache_index` and attends to every valid slot at or before the query's slot, which
+    covers both the prefill (many tokens) and single-token steps with the same code.
     """
 
     cfg: ModelConfig
@@ -172,38 +172,58 @@ class Attention(nn.Module):
         v = nn.with_logical_constraint(v, ("activation_batch", "activation_length", "activation_kv_heads", None))
 
         is_causal = cfg.causal and mask is None
-        if self.decode:
-            k, v, mask = self._update_cache(k, v, key_valid)
-            is_causal = False
-        impl = None if cfg.attention_impl == "auto" else cfg.attention_impl
-        if impl is None and jax.default_backend() != "gpu":
-            impl = "xla"
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
-                                           implementation=impl)
+        cached = self._update_cache(k, v, key_valid) if self.decode else None
+        if cached is not None:
+            out = cached_attention(q, *cached)
+        else:
+            impl = None if cfg.attention_impl == "auto" else cfg.attention_impl
+            if impl is None and jax.default_backend() != "gpu":
+                impl = "xla"
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
+                                               implementation=impl)
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
         return Projection(cfg, "bthk,hkd->btd", (heads, hd, cfg.d_model), ("heads", "head_dim", "embed"),
                           (cfg.d_model,), name="out")(out)
 
     def _update_cache(self, k: Array, v: Array, key_valid: Optional[Array]):
+        """Writes k, v at cache_index; returns (keys, values, mask) over every slot, or None on
+        the init call (which only sizes the cache: its length is max_len).
+
+        The cache is head-major, [batch, kv_heads, slots, head_dim]: attention reads it with
+        (batch, head) as the leading batch dimensions, without a transpose per step.
+        """
         batch, length = k.shape[:2]
+        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
         initialized = self.has_variable("cache", "cached_key")
         cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
         cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
         valid = self.variable("cache", "cached_valid", jnp.zeros, (batch, length), jnp.bool_)
         index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
-        if not initialized:  # The init call only sizes the cache: its length is max_len.
-            return k, v, None
+        if not initialized:
+            return None
         start = index.value
         new_valid = jnp.ones((batch, length), jnp.bool_) if key_valid is None else key_valid
-        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, start, 0, 0))
-        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, start, 0, 0))
+        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, 0, start, 0))
+        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, 0, start, 0))
         valid.value = jax.lax.dynamic_update_slice(valid.value, new_valid, (0, start))
         index.value = start + length
-        slots = cached_k.value.shape[1]
+        slots = cached_k.value.shape[2]
         query_slot = start + jnp.arange(length)
         visible = jnp.arange(slots)[None, :] <= query_slot[:, None]  # [T, S]
         mask = visible[None, None] & valid.value[:, None, None, :]
         return cached_k.value, cached_v.value, mask
+
+
+def cached_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """Attention of q [B, T, heads, D] over a head-major cache k, v [B, kv_heads, S, D] with a
+    [B, 1, T, S] mask; logits and softmax in float32, as jax.nn.dot_product_attention's."""
+    batch, length, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    q = q.reshape(batch, length, kv_heads, heads // kv_heads, dim)
+    logits = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * dim ** -0.5
+    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(batch, length, heads, dim)
 
 
 class Mlp(nn.Module):

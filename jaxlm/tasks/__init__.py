@@ -3,8 +3,10 @@ the train loop, sharding, checkpoints and logging are shared by all of them."""
 
 from jaxlm.errors import UserError
 from jaxlm.tasks.causal_lm import CausalLMTask
+from jaxlm.tasks.classification import ClassificationTask
+from jaxlm.tasks.masked_lm import MaskedLMTask
 
-_TASKS = {"causal_lm": CausalLMTask}
+_TASKS = {"causal_lm": CausalLMTask, "masked_lm": MaskedLMTask, "classification": ClassificationTask}
 
 
 def get_task(name: str):

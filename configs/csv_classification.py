@@ -1,0 +1,79 @@
+"""Text classification from a local CSV (or TSV / JSONL) file: a text column and a label column
+with integer labels or names such as positive/negative. A small encoder from scratch, with the
+run's own BPE tokenizer; or fine-tune a pretrained model with --config.init_from.
+
+    jaxlm train --config=configs/csv_classification.py --workdir=runs/reviews \\
+        --config.data.train_file=reviews.csv --config.data.text_column=review \\
+        --config.data.label_column=sentiment [--config.data.eval_file=held_out.csv]
+
+    # Fine-tune a Hugging Face model directory (BERT, GPT-2 or Llama family) or a jaxlm run:
+    ... --config.init_from=/path/to/hf_model_or_jaxlm_run
+
+Without data.eval_file a fixed random 10% of the rows is held out. The label names are stored
+with the prepared data and in DIR/config.json (data.label_names); eval/precision, eval/recall
+and eval/f1 are binary (positive class: a label named 'positive', else label 1) for two classes
+and macro averages for more; DIR/eval_report.json has per-class values and the confusion
+matrix, and DIR/best/ the params of the best eval/f1. What it reaches depends on the data: on
+the 2-class rule-based CSV of tests/test_classification.py it reaches eval/accuracy 1.0 in
+about 100 steps (seconds on a 2-core CPU). `:runlocal` shrinks it for a smoke test.
+"""
+
+from jaxlm.config import base_config
+
+
+def get_config(arg: str = ""):
+    c = base_config()
+    c.task = "classification"
+    c.seed = 0
+    c.steps = 1000
+    c.global_batch_size = 32
+    c.seq_len = 128
+    c.log_every = 50
+    c.eval_every = 250
+    c.checkpoint_every = 250
+    c.best_metric = "eval/f1"
+
+    c.data.train_file = ""  # Set on the command line: --config.data.train_file=FILE.
+    c.data.eval_file = ""
+    c.data.eval_fraction = 0.1
+    c.data.text_column = "text"
+    c.data.label_column = "label"
+    c.data.tokenizer = "bpe"
+    c.data.bpe_vocab_size = 4096
+    c.data.length_buckets = 3  # Batches of short texts run at seq_len/4 or seq_len/2.
+
+    c.classification.pooling = "auto"  # mean for an encoder with the run's BPE (it has no [CLS]).
+    c.classification.class_weights = ""  # 'balanced' for skewed labels.
+
+    # A small BERT-style encoder.
+    c.model.causal = False
+    c.model.norm_position = "post"
+    c.model.embed_norm = True
+    c.model.type_vocab_size = 2
+    c.model.num_layers = 2
+    c.model.d_model = 128
+    c.model.num_heads = 4
+    c.model.d_ff = 512
+    c.model.max_len = 512
+    c.model.dropout = 0.1
+
+    c.optim.learning_rate = 1e-3
+    c.optim.warmup_steps = 50
+    c.optim.schedule = "linear"
+    c.optim.end_lr_ratio = 0.0
+    c.optim.weight_decay = 0.01
+    c.optim.b2 = 0.999
+
+    if arg == "runlocal":
+        c.steps = 60
+        c.log_every = 10
+        c.eval_every = 30
+        c.checkpoint_every = 30
+        c.seq_len = 32
+        c.data.bpe_vocab_size = 512
+        c.model.num_layers = 1
+        c.model.d_model = 32
+        c.model.num_heads = 2
+        c.model.d_ff = 64
+        c.model.max_len = 64
+    return c

