@@ -3,8 +3,10 @@
 Same model (the GPT-2 shape of /work/shared/bench/peer_hf_torch.py: 6 layers, d_model 384,
 6 heads, d_ff 1536, vocab 8192, 256 positions, tied, gelu_tanh), same random weights (jaxlm
 exports them and transformers loads the export), same prompts, greedy, the same number of new
-tokens (no early stop), same CPU, in one process. Runs alternate (jaxlm, HF, jaxlm, HF, …) and
-the medians are compared; compiles and first calls are warm-up, not timed.
+tokens (no early stop), fp32, same CPU, in one process. HF runs with torch's default thread
+count and with 1 thread (on a busy machine torch's spinning worker threads can make the default
+many times slower); jaxlm is compared with the faster. Runs alternate (jaxlm, HF, HF 1 thread,
+jaxlm, …) and medians are compared; compiles and first calls are warm-up, not timed.
 """
 
 import statistics
@@ -46,8 +48,8 @@ def _hf_model(cfg: ModelConfig, params):
         import torch  # pylint: disable=import-outside-toplevel
         import transformers  # pylint: disable=import-outside-toplevel
     except ImportError as e:
-        raise UserError(f"bench --mode=decode compares with transformers + PyTorch, which are not installed ({e.name}); "
-                        "pip install torch transformers") from None
+        raise UserError(f"bench --mode=decode compares with transformers + PyTorch, which are not installed "
+                        f"({e.name}); pip install torch transformers") from None
     from jaxlm.convert import export_hf  # pylint: disable=import-outside-toplevel
     transformers.logging.set_verbosity_error()
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,9 +66,7 @@ def _seconds(fn: Callable[[], object]) -> float:
 
 def decode_bench(batch_sizes: Sequence[int] = (1, 16), prompt_len: int = 64, new_tokens: int = 128,
                  rounds: int = 5, seed: int = 0, log: Callable[[str], None] = print) -> list[dict]:
-    """tokens/s of jaxlm and of transformers' generate() per batch size; HF runs with torch's
-    default thread count and with 1 thread (on a busy machine torch's spinning worker threads can
-    make the default many times slower), and jaxlm is compared with the faster of the two."""
+    """tokens/s of jaxlm and of transformers' generate() per batch size (one dict per batch size)."""
     cfg = GPT2_BENCH_SHAPE
     if prompt_len < 1 or new_tokens < 1 or prompt_len + new_tokens > cfg.max_len:
         raise UserError(f"--prompt_len={prompt_len} + --new_tokens={new_tokens} must fit the model's "

@@ -171,8 +171,8 @@ def add_inference_commands(sub) -> None:
                     "and TensorBoard scalars. --config.FIELD=VALUE overrides the run's config, e.g. "
                     "--config.data.eval_file=other.txt.")
     add_checkpoint_flags(evaluate)
-    evaluate.add_argument("--split", default="", help="eval (default: the run's eval split) | train | "
-                                                      "a tfds split name")
+    evaluate.add_argument("--split", default="", help="eval (default: the run's eval split) | another split "
+                                                      "of the run's tfds dataset, e.g. test")
     add_distributed_flags(evaluate)
     evaluate.set_defaults(handler=cmd_eval, needs=("workdir",))
 

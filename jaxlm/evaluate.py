@@ -58,7 +58,7 @@ def select_split(config: ml_collections.ConfigDict, split: str) -> str:
 
 def evaluate_checkpoint(workdir: str, overrides: dict[str, str], step: Optional[int] = None,
                         best: bool = False, split: str = "") -> EvalResult:
-    # == 1. Checks that need no devices: config, checkpoint, split ==========================
+    # == 1. Checks before any data is read: config, split, checkpoint, mesh =================
     config = restore.load_run_config(workdir, overrides)
     split_name = select_split(config, split)
     config_lib.validate(config)

@@ -20,7 +20,8 @@ from jaxlm.train import Trainer
 CONFIG = "configs/tiny_shakespeare.py:runlocal"
 MESHES = {
     "fsdp8": ["--config.mesh.data=1", "--config.mesh.fsdp=8", "--config.mesh.tensor=1"],
-    "d2f2t2": ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"],
+    "d2f2t2": ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+               "--config.best_metric=eval/accuracy"],  # also keeps DIR/best for --best
 }
 EVAL_STEP = {"fsdp8": 10, "d2f2t2": 20}  # one earlier checkpoint (--step), one latest (default)
 
@@ -107,6 +108,20 @@ def test_eval_of_another_file(tmp_path, mesh_runs, capsys):
         original = json.load(f)
     assert np.isfinite(result["eval/loss"]) and result["eval/loss"] != original["eval/loss"]
     assert "eval at step 20" in capsys.readouterr().out
+
+
+def test_eval_of_the_best_checkpoint(tmp_path, mesh_runs):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(mesh_runs["d2f2t2"], workdir)
+    with open(os.path.join(workdir, "best.json")) as f:
+        best = json.load(f)
+    assert cli.main(["eval", f"--workdir={workdir}", "--best"]) == 0
+    with open(os.path.join(workdir, "eval", f"eval_step{best['step']}.json")) as f:
+        result = json.load(f)
+    assert result["checkpoint"].endswith(os.path.join("best", str(best["step"]), "params"))
+    in_training = {r["step"]: r for r in read_metrics(workdir) if "eval/loss" in r}[best["step"]]
+    assert abs(result["eval/loss"] - in_training["eval/loss"]) <= 1e-5 * in_training["eval/loss"]
+    assert result["eval/accuracy"] == pytest.approx(best["value"], rel=1e-5)
 
 
 def snapshot(directory: str) -> dict:

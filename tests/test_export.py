@@ -153,8 +153,8 @@ def test_embedded_default_run_exports_as_gpt2(tmp_path, capsys):
     trainer = Trainer(config, one_device_mesh())
     params = restore.restore_params(restore.find_checkpoint(str(workdir)), trainer.abstract_state.params,
                                     trainer.param_shardings)
-    diff = max_diff(jaxlm_logits(str(workdir), params, ids, mask), hf_logits(str(out), "AutoModelForCausalLM", ids, mask),
-                    mask)
+    ours = jaxlm_logits(str(workdir), params, ids, mask)
+    diff = max_diff(ours, hf_logits(str(out), "AutoModelForCausalLM", ids, mask), mask)
     print(f"\n[export parity] tiny_shakespeare default: max |jaxlm - transformers| = {diff:.2e}")
     assert diff <= TOL
 

@@ -140,7 +140,8 @@ def test_read_prompts(tmp_path):
 def run_dir(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("gen_run"))
     data_dir = str(tmp_path_factory.mktemp("tfds"))
-    assert cli.main(["train", f"--config={CONFIG}:runlocal", f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+    assert cli.main(["train", f"--config={CONFIG}:runlocal", f"--workdir={workdir}",
+                     f"--config.data.data_dir={data_dir}",
                      "--config.steps=2", "--config.checkpoint_every=1", "--config.eval_batches=1",
                      "--config.mesh.data=8"]) == 0
     return workdir
