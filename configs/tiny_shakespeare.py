@@ -2,8 +2,8 @@
 
     jaxlm train --config=configs/tiny_shakespeare.py --workdir=runs/tiny_shakespeare
 
-What it reaches: on a 2-core CPU (no GPU) about 4 minutes of training, eval/bits_per_byte
-about 2.2-2.3 on the held-out last 10% of the plays (see README for the measured figure).
+What it reaches: eval/bits_per_byte 2.51 on the held-out last 10% of the plays after 360 steps
+(measured). On a quiet 2-core CPU that is 360 x ~0.63 s, about 4 minutes; see the README.
 A byte-level BPE (1024 tokens) is trained on the corpus at the first start and saved in the
 run directory. `:runlocal` shrinks it further for a smoke test (~30 s).
 """
