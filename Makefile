@@ -18,8 +18,12 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(VENV)/bin/jaxlm train --config=configs/tiny_shakespeare.py --workdir=runs/tiny_shakespeare
 
+# Two pytest workers, each running whole test files (module fixtures are built once); the
+# 20 slowest tests are listed at the end.
+TEST_WORKERS ?= 2
+
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --durations=20
 
 clean:
 	rm -rf runs .pytest_cache

@@ -143,6 +143,20 @@ def cmd_generate(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    from jaxlm import predict  # pylint: disable=import-outside-toplevel
+    classifier, predictions = predict.run_predict(
+        args.workdir, args.input, args.output, overrides, step=args.step, best=args.best,
+        text_column=args.text_column, text_pair_column=args.text_pair_column, batch_size=args.batch_size,
+        overwrite=args.overwrite)
+    counts = np.bincount(predictions.labels, minlength=len(classifier.label_names))
+    summary = ", ".join(f"{name} {count}" for name, count in zip(classifier.label_names, counts))
+    print(f"labelled {len(predictions.labels)} rows with step {classifier.step} ({summary}); wrote {args.output}",
+          flush=True)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from jaxlm import export  # pylint: disable=import-outside-toplevel
     result = export.export_run(args.workdir, args.out, overrides, step=args.step, best=args.best)
@@ -192,6 +206,23 @@ def add_inference_commands(sub) -> None:
     gen.add_argument("--seed", type=int, default=0, help="sampling seed")
     gen.add_argument("--num_samples", type=int, default=1, help="sequences per prompt")
     gen.set_defaults(handler=cmd_generate, needs=("workdir",))
+
+    predict = sub.add_parser(
+        "predict", help="label a file of texts with a classification checkpoint",
+        description="Classify every row of --input (CSV/TSV/JSONL with a text column, or .txt with one text "
+                    "per line) with a classification run's checkpoint. --output (.csv/.tsv/.jsonl) gets the "
+                    "input's columns plus label (the predicted class name), score (its probability) and "
+                    "prob_<class> per class. Texts are tokenized and truncated as in training.")
+    add_checkpoint_flags(predict)
+    predict.add_argument("--input", required=False, help="file to label: .csv, .tsv, .jsonl or .txt")
+    predict.add_argument("--output", required=False, help="new file for the predictions: .csv, .tsv or .jsonl")
+    predict.add_argument("--text_column", default="", help="column/key of the text (default: the run's "
+                                                           "data.text_column)")
+    predict.add_argument("--text_pair_column", default="", help="second text column of a pair classifier "
+                                                                "(default: the run's data.text_pair_column)")
+    predict.add_argument("--batch_size", type=int, default=64, help="rows per forward pass")
+    predict.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    predict.set_defaults(handler=cmd_predict, needs=("workdir", "input", "output"))
 
     export = sub.add_parser(
         "export", help="export a checkpoint as a Hugging Face model directory",

@@ -97,10 +97,10 @@ FIELD_HELP = {
     "data.tokenizer": "bpe (train one on the corpus) | a tokenizer directory | a hub name",
     "data.bpe_vocab_size": "vocabulary size of the trained BPE",
     "data.prefetch": "batches prepared ahead of the step",
-    "classification.pooling": "auto (last token for causal models, else cls if the tokenizer has one, else mean) | cls | mean | last",
+    "classification.pooling": "auto (causal: last; else cls if the tokenizer has [CLS], else mean) | cls | mean | last",
     "classification.pooler": "BERT's tanh dense layer on the pooled vector before the classifier",
     "classification.class_weights": "loss weight per class: '' (equal) | balanced | comma-separated numbers",
-    "classification.positive_label": "positive class of binary precision/recall/F1 ('' = 'positive' if a label, else 1)",
+    "classification.positive_label": "positive class of binary P/R/F1 ('' = the label 'positive' if any, else 1)",
     "mlm.mask_rate": "fraction of (non-special) tokens selected for prediction",
     "mlm.mask_token_rate": "of those, the fraction replaced by the mask token",
     "mlm.random_token_rate": "of those, the fraction replaced by a random token (the rest stay unchanged)",
@@ -284,7 +284,8 @@ def validate_task_fields(config: ml_collections.ConfigDict) -> None:
     if config.best_metric and not config.best_metric.startswith("eval/"):
         raise UserError(f"best_metric={config.best_metric!r}: name an eval metric, e.g. eval/accuracy or eval/f1")
     if config.classification.pooling not in POOLINGS:
-        raise UserError(f"classification.pooling={config.classification.pooling!r}: choose one of {', '.join(POOLINGS)}")
+        raise UserError(f"classification.pooling={config.classification.pooling!r}: "
+                        f"choose one of {', '.join(POOLINGS)}")
     if config.data.length_buckets < 1:
         raise UserError(f"data.length_buckets={config.data.length_buckets}: must be 1 (off) or more")
     if config.data.num_labels < 0:

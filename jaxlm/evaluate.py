@@ -67,7 +67,9 @@ def evaluate_checkpoint(workdir: str, overrides: dict[str, str], step: Optional[
     train_lib.check_batch_layout(config, mesh)
 
     # == 2. Data and model, as training built them ===============================================
-    data = get_task(config.task).build_data(config, workdir, jax.process_index(), jax.process_count())
+    task = get_task(config.task)
+    build = getattr(task, "build_eval_data", task.build_data)  # Eval-only data where the task has it.
+    data = build(config, workdir, jax.process_index(), jax.process_count())
     train_lib.resolve_vocab(config, data.vocab_size)
     trainer = train_lib.Trainer(config, mesh)
     logging.info("eval: %s at step %d (%s split), %s parameters, mesh %s", workdir, source.step, split_name,

@@ -11,6 +11,7 @@ prefill and step each compile once per (batch, prompt bucket, max_new_tokens, sa
 """
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -29,6 +30,10 @@ from jaxlm.train import Trainer
 
 PROMPT_BUCKET = 16  # Prompt lengths are padded up to a multiple of this: fewer compiles.
 SYNC_EVERY = 8  # Without a streaming callback, the host checks for EOS every this many tokens.
+# The cache starts this many slots past the prompt and grows by as many when full: each step's
+# attention reads only the slots in use (at small batch a decode step is bound by memory
+# traffic, the cache's as much as the weights'), at the price of one step compile per size.
+CACHE_GROWTH = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,14 +108,31 @@ class Generator:
         self.params = unstack_layers(params, cfg.num_layers) if cfg.scan_layers else params
         self.model = Model(dataclasses.replace(cfg, scan_layers=False), decode=True)
         self._fns: dict = {}
+        self._cache_shapes: dict = {}
 
     def cache_length(self, longest_prompt: int, max_new_tokens: int) -> int:
         return PROMPT_BUCKET * math.ceil(max(longest_prompt, 1) / PROMPT_BUCKET) + max_new_tokens
 
     def _empty_cache(self, batch: int, length: int) -> Any:
         # The init call sizes the cache from a [batch, length] input; only its shapes are used.
-        shapes = jax.eval_shape(self.model.init, jax.random.key(0), jnp.zeros((batch, length), jnp.int32))
-        return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), nn.unbox(shapes["cache"]))
+        # Tracing it costs ~0.25 s for a 6-layer model, so the shapes are kept per size.
+        if (batch, length) not in self._cache_shapes:
+            shapes = jax.eval_shape(self.model.init, jax.random.key(0), jnp.zeros((batch, length), jnp.int32))
+            self._cache_shapes[(batch, length)] = nn.unbox(shapes["cache"])
+        return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), self._cache_shapes[(batch, length)])
+
+    @staticmethod
+    @functools.partial(jax.jit, static_argnums=1, donate_argnums=0)
+    def _grow_cache(cache: Any, slots: int) -> Any:
+        """The cache with `slots` more (empty, invalid) slots at the end."""
+        def pad(path, a):
+            axis = {"cached_key": 2, "cached_value": 2, "cached_valid": 1}.get(getattr(path[-1], "key", None))
+            if axis is None:
+                return a
+            widths = [(0, 0)] * a.ndim
+            widths[axis] = (0, slots)
+            return jnp.pad(a, widths)
+        return jax.tree_util.tree_map_with_path(pad, cache)
 
     def _compiled(self, sampling: Sampling):
         if sampling in self._fns:
@@ -157,10 +179,12 @@ class Generator:
         prefill, step = self._compiled(sampling)
         batch = len(prompts)
         cache_len = self.cache_length(longest, max_new_tokens)
-        tokens, mask, positions = left_pad(prompts, cache_len - max_new_tokens)
+        prompt_slots = cache_len - max_new_tokens
+        tokens, mask, positions = left_pad(prompts, prompt_slots)
         key = jax.random.key(seed)
 
-        token, cache = prefill(self.params, self._empty_cache(batch, cache_len), tokens, positions, mask, key)
+        slots = min(prompt_slots + CACHE_GROWTH, cache_len)
+        token, cache = prefill(self.params, self._empty_cache(batch, slots), tokens, positions, mask, key)
         position = jnp.asarray(positions[:, -1] + 1)
         index = jnp.ones((), jnp.int32)
         produced: list[jax.Array] = []
@@ -168,6 +192,9 @@ class Generator:
         for i in range(max_new_tokens):
             produced.append(token)
             if i + 1 < max_new_tokens:  # Dispatched before this token is read: the device keeps busy.
+                if prompt_slots + i >= slots:  # This step writes slot prompt_slots + i.
+                    grown = min(slots + CACHE_GROWTH, cache_len)
+                    cache, slots = self._grow_cache(cache, grown - slots), grown
                 following, cache, position, index = step(self.params, cache, token, position, index, key)
             if on_tokens is not None:
                 host = np.asarray(token)

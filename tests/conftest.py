@@ -14,6 +14,15 @@ if _DEVICE_FLAG not in os.environ.get("XLA_FLAGS", ""):
 # libtpu (the tpu extra, for `jaxlm aot`) makes every jax process probe for a TPU; tests run on CPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# Many tests start `jaxlm train` several times on the same program (a run, its kill, its rerun):
+# a compilation cache shared by the whole session (xdist workers and subprocesses inherit the
+# variable) compiles each program once. The directory goes when the session that made it ends.
+_OWN_COMPILE_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_COMPILE_CACHE:
+    import tempfile  # noqa: E402
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxlm-test-compile-cache-")
+
 import dataclasses  # noqa: E402
 
 import pytest  # noqa: E402
@@ -55,3 +64,23 @@ def eight_devices():
 # XLA options for tests' own jax.jit calls: the CPU backend's LLVM optimisations cost 2-3x the
 # compile time of these toy graphs and buy nothing at this size. Numerics are unaffected.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+# With `pytest -n 2 --dist loadfile` (make test) each file runs whole on one worker, in the
+# order collected: the long end-to-end files go first so that no long file starts last.
+LONG_FILES_FIRST = ("test_train.py", "test_multihost.py", "test_classification.py", "test_evaluate.py",
+                    "test_export.py", "test_aot.py", "test_cli.py", "test_generate.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        name = os.path.basename(str(item.fspath))
+        return LONG_FILES_FIRST.index(name) if name in LONG_FILES_FIRST else len(LONG_FILES_FIRST)
+
+    items.sort(key=rank)  # Stable: tests keep their order within a file.
+
+
+def pytest_unconfigure(config):  # pylint: disable=unused-argument
+    if _OWN_COMPILE_CACHE and not os.environ.get("PYTEST_XDIST_WORKER"):
+        import shutil  # pylint: disable=import-outside-toplevel
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

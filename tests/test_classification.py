@@ -6,7 +6,6 @@ scratch, from a jaxlm causal-LM run (decoder classifier) and from the real MiniL
 import csv
 import json
 import os
-import random
 import shutil
 
 import jax
@@ -20,11 +19,9 @@ from jaxlm.data import example_loader, labeled_builder, masking, table_files
 from jaxlm.errors import UserError
 from jaxlm.metrics import classification_scores
 from jaxlm.tasks.classification import ClassificationTask
+from sample_data import BAD, GOOD, write_reviews
 
 CSV_CONFIG = "configs/csv_classification.py"
-GOOD = ["great", "fine", "lovely", "superb", "nice", "brilliant"]
-BAD = ["awful", "bad", "boring", "dull", "terrible", "weak"]
-FILLER = ["the", "movie", "was", "plot", "actors", "story", "really", "quite", "a", "film", "and"]
 
 
 def snapshot(directory) -> dict:
@@ -34,20 +31,6 @@ def snapshot(directory) -> dict:
             st = os.stat(os.path.join(root, name))
             out[os.path.relpath(os.path.join(root, name), directory)] = (st.st_size, st.st_mtime_ns)
     return out
-
-
-def write_reviews(path, n, seed, label_names=("negative", "positive")):
-    """A learnable rule: the label is the polarity of the one sentiment word in the review."""
-    rng = random.Random(seed)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["review", "sentiment"])
-        for _ in range(n):
-            positive = rng.random() < 0.5
-            words = rng.choices(FILLER, k=rng.randint(2, 8))
-            words.insert(rng.randrange(len(words) + 1), rng.choice(GOOD if positive else BAD))
-            writer.writerow([" ".join(words), label_names[int(positive)]])
-    return str(path)
 
 
 # -- metrics: exact, over the whole eval set, padding masked out, 8 devices ----------------------------
@@ -443,12 +426,20 @@ FAST = ["--config.log_every=10", "--config.checkpoint_every=0", "--config.eval_e
         "--config.global_batch_size=32", "--config.data.length_buckets=1", "--config.async_checkpointing=false"]
 
 
-def test_from_scratch_learns_the_rule(tmp_path, reviews):
+@pytest.fixture(scope="module")
+def scratch_run(tmp_path_factory, reviews):
+    """80 steps from scratch on the review rule; predict's tests reuse the run."""
+    tmp_path = tmp_path_factory.mktemp("scratch_run")
     workdir = tmp_path / "scratch"
     saved = run(workdir, f"--config={CSV_CONFIG}:runlocal", f"--config.data.data_dir={tmp_path / 'tfds'}",
                 f"--config.data.train_file={reviews[0]}", f"--config.data.eval_file={reviews[1]}",
                 "--config.data.text_column=review", "--config.data.label_column=sentiment", "--config.steps=80",
                 "--config.optim.learning_rate=3e-3", "--config.optim.warmup_steps=10", *FAST)
+    return workdir, saved
+
+
+def test_from_scratch_learns_the_rule(scratch_run):
+    workdir, saved = scratch_run
     assert saved["data"]["label_names"] == ["negative", "positive"] and saved["data"]["num_labels"] == 2
     assert saved["classification"]["pooling"] == "mean"  # Encoder + BPE without [CLS].
     final = read_metrics(workdir)[-1]
@@ -459,6 +450,90 @@ def test_from_scratch_learns_the_rule(tmp_path, reviews):
     best = json.loads((workdir / "best.json").read_text())
     assert best["metric"] == "eval/f1" and os.path.isdir(best["params"])
     assert final["eval/f1"] == pytest.approx(report["f1"])
+
+
+# -- jaxlm predict ----------------------------------------------------------------------------------
+def read_table(path, delimiter=","):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f, delimiter=delimiter))
+
+
+def test_predict_labels_the_eval_file_as_eval_counts_it(tmp_path, reviews, scratch_run, capsys):
+    """Predicted labels over the eval file give the run's final confusion matrix exactly; the
+    probabilities do not depend on the batch size (other batch compositions and padded lengths)."""
+    workdir, _ = scratch_run
+    out = tmp_path / "predictions.csv"
+    assert cli.main(["predict", f"--workdir={workdir}", f"--input={reviews[1]}", f"--output={out}"]) == 0
+    assert f"labelled 61 rows with step 80" in capsys.readouterr().out
+    rows, given = read_table(out), read_table(reviews[1])
+    assert [r["review"] for r in rows] == [g["review"] for g in given]  # Input columns kept, in order.
+    names = ["negative", "positive"]
+    probs = np.array([[float(r[f"prob_{n}"]) for n in names] for r in rows])
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert [r["label"] for r in rows] == [names[i] for i in probs.argmax(1)]
+    np.testing.assert_allclose([float(r["score"]) for r in rows], probs.max(1), atol=1e-6)
+    confusion = np.zeros((2, 2), int)
+    for r in rows:
+        confusion[names.index(r["sentiment"]), names.index(r["label"])] += 1
+    report = json.loads((workdir / "eval_report.json").read_text())
+    assert confusion.tolist() == report["confusion_matrix"]
+
+    out7 = tmp_path / "predictions.jsonl"
+    assert cli.main(["predict", f"--workdir={workdir}", f"--input={reviews[1]}", f"--output={out7}",
+                     "--batch_size=7", "--best"]) == 0  # best = the last step here (eval only at the end).
+    records = [json.loads(line) for line in out7.read_text().splitlines()]
+    np.testing.assert_allclose([[r[f"prob_{n}"] for n in names] for r in records], probs, atol=1e-5)
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(g["review"] for g in given[:9]) + "\n\n")
+    out_txt = tmp_path / "from_text.tsv"
+    assert cli.main(["predict", f"--workdir={workdir}", f"--input={texts}", f"--output={out_txt}"]) == 0
+    assert [r["label"] for r in read_table(out_txt, "\t")] == [r["label"] for r in rows[:9]]
+
+
+def test_eval_of_a_file_with_other_columns_needs_no_train_data(tmp_path, reviews, scratch_run, capsys):
+    """`jaxlm eval` with an eval file whose columns are named differently, and a train file that is
+    gone: the same rows give the metrics training logged at its final step."""
+    workdir, _ = scratch_run
+    run_copy = tmp_path / "run"
+    shutil.copytree(workdir, run_copy)
+    renamed = tmp_path / "renamed.jsonl"
+    with open(renamed, "w", encoding="utf-8") as f:
+        for row in read_table(reviews[1]):
+            f.write(json.dumps({"id": len(row["review"]), "body": row["review"], "polarity": row["sentiment"]}) + "\n")
+    assert cli.main(["eval", f"--workdir={run_copy}", f"--config.data.eval_file={renamed}",
+                     f"--config.data.train_file={tmp_path / 'gone.csv'}", "--config.data.text_column=body",
+                     "--config.data.label_column=polarity"]) == 0
+    assert "eval at step 80" in capsys.readouterr().out
+    result = json.loads((run_copy / "eval" / "eval_step80.json").read_text())
+    final = read_metrics(workdir)[-1]
+    assert result["report"]["confusion_matrix"] == json.loads((workdir / "eval_report.json").read_text())[
+        "confusion_matrix"]
+    for key in ("eval/accuracy", "eval/f1", "eval/precision", "eval/recall"):
+        assert result[key] == pytest.approx(final[key], abs=1e-12), key
+    assert result["eval/loss"] == pytest.approx(final["eval/loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("make_args,needle", [
+    (lambda d, w: [f"--workdir={w}", f"--input={d / 'in.xml'}", f"--output={d / 'o.csv'}"], "unknown format '.xml'"),
+    (lambda d, w: [f"--workdir={w}", f"--input={d / 'in.csv'}", f"--output={d / 'o.parquet'}"], "--output="),
+    (lambda d, w: [f"--workdir={w}", f"--input={d / 'in.csv'}", f"--output={d / 'in.csv'}"], "exists"),
+    (lambda d, w: [f"--workdir={w}", f"--input={d / 'in.csv'}", f"--output={d / 'o.csv'}", "--text_column=body"],
+     "no column 'body'"),
+    (lambda d, w: [f"--workdir={w}", f"--input={d / 'missing.csv'}", f"--output={d / 'o.csv'}"], "no such file"),
+    (lambda d, w: [f"--workdir={w}", f"--input={d / 'in.csv'}", f"--output={d / 'o.csv'}", "--step=3"],
+     "--step=3: no such checkpoint"),
+    (lambda d, w: [f"--workdir={d}", f"--input={d / 'in.csv'}", f"--output={d / 'o.csv'}"], "config.json not found"),
+])
+def test_predict_user_errors(capsys, tmp_path, reviews, scratch_run, make_args, needle):
+    workdir, _ = scratch_run
+    shutil.copy(reviews[1], tmp_path / "in.csv")
+    (tmp_path / "in.xml").write_text("<review>great</review>")
+    before = snapshot(tmp_path), snapshot(workdir)
+    assert cli.main(["predict", *make_args(tmp_path, workdir)]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("jaxlm: error: ") and needle in line, line
+    assert (snapshot(tmp_path), snapshot(workdir)) == before
 
 
 def test_decoder_classifier_from_a_causal_lm_run(tmp_path, reviews):

@@ -28,7 +28,7 @@ def data_dir(tmp_path_factory):
 def twenty_steps(workdir, data_dir):
     return ["train", f"--config={CONFIG}", f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
             "--config.steps=20", "--config.log_every=1", "--config.eval_every=0",
-            "--config.checkpoint_every=10", "--config.keep_checkpoints=5"]
+            "--config.checkpoint_every=10", "--config.keep_checkpoints=5", "--config.eval_batches=3"]
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +77,12 @@ def test_restore_onto_another_mesh(tmp_path, mesh_runs, data_dir):
     assert_close_per_step(resumed, original, 1e-4, range(11, 21))
 
 
+RESUME_STEPS = 20
+
+
 def runlocal(workdir, data_dir, *extra):
     return ["train", f"--config={CONFIG}:runlocal", f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
-            "--config.steps=30", "--config.log_every=1", "--config.eval_every=0",
+            f"--config.steps={RESUME_STEPS}", "--config.log_every=1", "--config.eval_every=0",
             "--config.checkpoint_every=5", *extra]
 
 
@@ -109,14 +112,14 @@ def interrupt_at(workdir, data_dir, after_step: int, sig: int, log_path: str) ->
 
 def test_kill9_then_rerun_is_bitwise_identical(tmp_path, data_dir, straight_run):
     killed = str(tmp_path / "killed")
-    kill_after = random.Random().randint(7, 24)  # Random, but after the first checkpoint (step 5).
+    kill_after = random.Random().randint(7, RESUME_STEPS - 4)  # Random, but after the first checkpoint (step 5).
     interrupt_at(killed, data_dir, kill_after, signal.SIGKILL, str(tmp_path / "killed.log"))
     logged_before_kill = max(losses(killed))
     run_cli(runlocal(killed, data_dir))
     straight = straight_run
     want, got = losses(straight), losses(killed)
-    assert sorted(got) == list(range(1, 31)), f"killed after step {logged_before_kill}"
-    for step in range(1, 31):  # Bitwise: the JSON floats are the float32 losses, exactly.
+    assert sorted(got) == list(range(1, RESUME_STEPS + 1)), f"killed after step {logged_before_kill}"
+    for step in range(1, RESUME_STEPS + 1):  # Bitwise: the JSON floats are the float32 losses, exactly.
         assert got[step] == want[step], f"step {step} differs after kill at {logged_before_kill}"
     steps = [r["step"] for r in read_metrics(killed)]
     assert steps == sorted(set(steps)), "metrics.jsonl must hold each step once"
@@ -129,7 +132,7 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(tmp_path, data_dir, straig
     assert code == 0, open(tmp_path / "preempted.log").read()[-2000:]
     stopped_at = max(losses(workdir))
     saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
-    assert saved[-1] == stopped_at and stopped_at < 30, (saved, stopped_at)
+    assert saved[-1] == stopped_at and stopped_at < RESUME_STEPS, (saved, stopped_at)
     run_cli(runlocal(workdir, data_dir))
     assert losses(workdir) == losses(straight_run)
 

@@ -17,7 +17,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -72,7 +72,7 @@ class ClassificationData:
     positive_index: int  # The positive class of binary precision/recall/F1.
     class_weights: np.ndarray  # [C] float32, applied to the loss.
     class_counts: dict  # split -> examples per class.
-    train_iter: example_loader.TrainIterator
+    train_iter: Optional[example_loader.TrainIterator]  # None for eval-only data.
     eval_batches: Callable[[], Iterator[example_loader.Batch]]
     num_eval_batches: int
     num_train_examples: int
@@ -250,6 +250,56 @@ def _rows(split: EncodedSplit, weights_by_class: np.ndarray, ids: np.ndarray, le
     }
 
 
+def _eval_batches(evaluation: EncodedSplit, weights_by_class: np.ndarray, buckets: tuple[int, ...], config,
+                  process_index: int, process_count: int):
+    # One eval length (the smallest bucket that fits every eval example): a single eval compile.
+    eval_len = next(b for b in buckets if b >= int(evaluation.lengths.max()))
+    n_eval = len(evaluation)
+    return functools.partial(
+        example_loader.eval_batches, n_eval,
+        lambda ids: _rows(evaluation, weights_by_class, ids, eval_len, ids < n_eval),
+        global_batch_size=config.global_batch_size, process_index=process_index, process_count=process_count)
+
+
+def can_build_eval_only(config) -> bool:
+    """A finished run's eval needs only data.eval_file (not the train data) unless the loss weights
+    come from the train class counts ('balanced')."""
+    return (bool((config.data.get("eval_file", "") or "").strip()) and bool(config.data.get("label_names"))
+            and (config.classification.get("class_weights", "") or "").strip() != "balanced")
+
+
+def build_eval_only_data(config, workdir: str, process_index: int = 0, process_count: int = 1) -> ClassificationData:
+    """Eval batches of data.eval_file for a trained run: its tokenizer and classes, no train data.
+
+    The rows are tokenized and batched exactly as training's eval split was, so the metrics are
+    those training logged when the file is the run's own eval file.
+    """
+    data_config = config.data
+    names = labels.names_option(data_config.label_names)
+    examples = labeled_builder.read_eval_files(data_config, names)
+    split = LabeledSplit("eval", [e.text for e in examples], [e.text_pair for e in examples],
+                         np.asarray([e.label for e in examples], np.int32))
+    num_labels = len(names)
+    weights_by_class = class_weights(config.classification.get("class_weights", ""), np.ones(num_labels))
+    positive = labels.positive_index(names, config.classification.get("positive_label", ""))
+    tokenizer = tokenizer_lib.load_tokenizer(data_config.tokenizer, workdir)
+    pad = tokenizer_lib.pad_id(tokenizer)
+    with_pairs = bool((data_config.get("text_pair_column", "") or "").strip())
+    evaluation = encode_split(tokenizer, split, config.seq_len, pad, with_pairs)
+    buckets = example_loader.bucket_lengths(config.seq_len, int(data_config.get("length_buckets", 1) or 1))
+    n_eval = len(evaluation)
+    logging.info("classification eval data: %d examples of %s, %d classes (%s)", n_eval, data_config.eval_file,
+                 num_labels, ", ".join(names))
+    _, rows = example_loader.host_rows(config.global_batch_size, process_index, process_count)
+    return ClassificationData(
+        tokenizer=tokenizer, vocab_size=len(tokenizer), pad_id=pad, label_names=names, positive_index=positive,
+        class_weights=weights_by_class, class_counts={"eval": np.bincount(split.labels, minlength=num_labels).tolist()},
+        train_iter=None, eval_batches=_eval_batches(evaluation, weights_by_class, buckets, config, process_index,
+                                                    process_count),
+        num_eval_batches=example_loader.num_eval_batches(n_eval, config.global_batch_size), num_train_examples=0,
+        num_eval_examples=n_eval, bucket_lengths=buckets, host_batch_size=rows)
+
+
 def build_classification_data(config, workdir: str, process_index: int = 0,
                               process_count: int = 1) -> ClassificationData:
     """Prepares (or reuses) the dataset and tokenized rows, and returns the loaders.
@@ -293,13 +343,8 @@ def build_classification_data(config, workdir: str, process_index: int = 0,
         prefetch=int(data_config.get("prefetch", 2)),
         layout={"seq_len": max_len, "seed": config.seed, "buckets": list(buckets), "num_examples": len(train),
                 "data_id": f"{corpus.dataset_id}/{tok_fp}"})
-    # One eval length (the smallest bucket that fits every eval example): a single eval compile.
-    eval_len = next(b for b in buckets if b >= int(evaluation.lengths.max()))
     n_eval = len(evaluation)
-    eval_batches = functools.partial(
-        example_loader.eval_batches, n_eval,
-        lambda ids: _rows(evaluation, weights_by_class, ids, eval_len, ids < n_eval),
-        global_batch_size=config.global_batch_size, process_index=process_index, process_count=process_count)
+    eval_batches = _eval_batches(evaluation, weights_by_class, buckets, config, process_index, process_count)
     truncated = int((train.lengths >= max_len).sum())
     logging.info("classification data: %d train / %d eval examples, %d classes (%s), counts %s; %d train "
                  "examples fill seq_len=%d (may be truncated); length buckets %s", len(train), n_eval, num_labels,

@@ -78,10 +78,10 @@ def _raw_rows(files, fmt_option: str, columns: dict[str, str]) -> Iterator[tuple
             yield path, row
 
 
-def _examples(files, config, vocab: labels.LabelVocab) -> Iterator[_Example]:
+def _examples(files, config, vocab: labels.LabelVocab, source: str = "data.train_file") -> Iterator[_Example]:
     for path, row in _raw_rows(files, config.file_format, _columns(config)):
         where = row.where(path)
-        label = vocab.index(labels.parse_label(row.values[config.label_column], where), where, "data.train_file")
+        label = vocab.index(labels.parse_label(row.values[config.label_column], where), where, source)
         pair = _text(row, config.text_pair_column, path) if config.text_pair_column else ""
         yield _Example(_text(row, config.text_column, path), pair, label)
 
@@ -151,6 +151,23 @@ def make_labeled_files_config(data_config) -> LabeledFilesConfig:
     return dataclasses.replace(
         config, name=f"{readable}_{_content_hash(config)[:16]}",
         description=f"{len(train_files)} train, {len(eval_files)} eval file(s); {len(vocab)} classes")
+
+
+def read_eval_files(data_config, label_names: tuple[str, ...]) -> list[_Example]:
+    """data.eval_file's rows with labels mapped onto a finished run's classes, read directly.
+
+    For evaluating a run: neither its train files nor a tfds preparation are needed, and the
+    columns may be named differently from training's (data.text_column, data.label_column).
+    """
+    eval_files = documents.resolve_files((data_config.get("eval_file", "") or "").strip(), "data.eval_file")
+    integer = tuple(label_names) == tuple(str(i) for i in range(len(label_names)))
+    config = LabeledFilesConfig(
+        name="eval_only", eval_files=eval_files, file_format=data_config.get("file_format", "auto") or "auto",
+        text_column=(data_config.get("text_column", "text") or "").strip(),
+        text_pair_column=(data_config.get("text_pair_column", "") or "").strip(),
+        label_column=(data_config.get("label_column", "label") or "").strip(),
+        label_names=tuple(label_names), integer_labels=integer)
+    return list(_examples(eval_files, config, vocab_of(config), "the run's labels (data.label_names in config.json)"))
 
 
 def vocab_of(config: LabeledFilesConfig) -> labels.LabelVocab:

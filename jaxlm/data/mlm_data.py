@@ -115,7 +115,8 @@ def build_mlm_data(config, workdir: str, process_index: int = 0, process_count: 
             train, ids, [(batch, first_row + r) for r in range(len(ids))], np.ones(len(ids), bool)),
         global_batch_size=config.global_batch_size, process_index=process_index, process_count=process_count,
         prefetch=int(data_config.get("prefetch", 2)),
-        layout={"seq_len": seq_len, "seed": config.seed, "num_examples": num_train, "masking": [mlm.mask_rate, mlm.mask_token_rate, mlm.random_token_rate],
+        layout={"seq_len": seq_len, "seed": config.seed, "num_examples": num_train,
+                "masking": [mlm.mask_rate, mlm.mask_token_rate, mlm.random_token_rate],
                 "data_id": f"{corpus.dataset_id}/{corpus.train.name}/{fingerprint}"})
     num_eval = evaluation.count(partial=True)
     eval_batches = functools.partial(

@@ -49,6 +49,13 @@ class ClassificationTask:
             config.classification.pooling = auto_pooling(config.model.causal, data.tokenizer)
         return data
 
+    def build_eval_data(self, config, workdir: str, process_index: int, process_count: int):
+        """For a trained run: data.eval_file alone when that suffices (see can_build_eval_only)."""
+        from jaxlm.data import classification_data  # pylint: disable=import-outside-toplevel
+        if classification_data.can_build_eval_only(config):
+            return classification_data.build_eval_only_data(config, workdir, process_index, process_count)
+        return self.build_data(config, workdir, process_index, process_count)
+
     def model_kwargs(self, config) -> dict:
         pooling = config.classification.pooling
         return {"head": self.head, "num_labels": max(int(config.data.num_labels), 2),
