@@ -23,7 +23,7 @@ MESHES = {
     "d2f2t2": ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
                "--config.best_metric=eval/accuracy"],  # also keeps DIR/best for --best
 }
-EVAL_STEP = {"fsdp8": 10, "d2f2t2": 20}  # one earlier checkpoint (--step), one latest (default)
+EVAL_STEP = {"fsdp8": 5, "d2f2t2": 10}  # one earlier checkpoint (--step), one latest (default)
 
 
 @pytest.fixture(scope="module")
@@ -33,15 +33,15 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mesh_runs(tmp_path_factory, data_dir):
-    """20 steps on 8 fake devices, evaluated in training at steps 10 and 20 (this process has 8)."""
+    """10 steps on 8 fake devices, evaluated in training at steps 5 and 10 (this process has 8)."""
     runs = {}
     for name, flags in MESHES.items():
         workdir = str(tmp_path_factory.mktemp(name))
         if runs:  # The same BPE the first run trained: no need to train it again.
             shutil.copytree(os.path.join(next(iter(runs.values())), "tokenizer"), os.path.join(workdir, "tokenizer"))
         assert cli.main(["train", f"--config={CONFIG}", f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
-                         "--config.steps=20", "--config.log_every=10", "--config.eval_every=10",
-                         "--config.checkpoint_every=10", *flags]) == 0
+                         "--config.steps=10", "--config.log_every=5", "--config.eval_every=5",
+                         "--config.checkpoint_every=5", *flags]) == 0
         runs[name] = workdir
     return runs
 
@@ -51,7 +51,7 @@ def one_device_evals(mesh_runs):
     """`jaxlm eval` of each run in a 1-device subprocess (both at once: they mostly wait on imports)."""
     procs = {}
     for name, workdir in mesh_runs.items():
-        step = ["--step=10"] if EVAL_STEP[name] == 10 else []
+        step = ["--step=5"] if EVAL_STEP[name] == 5 else []
         procs[name] = subprocess.Popen([sys.executable, "-m", "jaxlm", "eval", f"--workdir={workdir}", *step],
                                        cwd=REPO, env=cli_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                        text=True)
@@ -67,7 +67,7 @@ def one_device_evals(mesh_runs):
 def test_one_device_eval_equals_in_training_eval(mesh, mesh_runs, one_device_evals):
     workdir, step = mesh_runs[mesh], EVAL_STEP[mesh]
     in_training = {r["step"]: r for r in read_metrics(workdir) if "eval/loss" in r}
-    assert sorted(in_training) == [10, 20]
+    assert sorted(in_training) == [5, 10]
     with open(os.path.join(workdir, "eval", f"eval_step{step}.json")) as f:
         result = json.load(f)
     assert result["step"] == step and result["devices"] == 1 and result["split"] == "eval"
@@ -88,7 +88,7 @@ def test_params_restore_into_another_sharding(mesh_runs, eight_devices):
                                     trainer.param_shardings)
     jax.tree.map(lambda a, s: (a.sharding == s) or pytest.fail(f"{a.sharding} != {s}"), params, trainer.param_shardings)
     checkpointer = Checkpointer(workdir, with_data=False)
-    state = checkpointer.restore(20, trainer.abstract_sharded_state())  # the full TrainState
+    state = checkpointer.restore(10, trainer.abstract_sharded_state())  # the full TrainState
     checkpointer.close()
     jax.tree.map(np.testing.assert_array_equal, params, state.params)
     # A kernel sharded over tensor actually is (so the restore did not just replicate everything).
@@ -102,12 +102,12 @@ def test_eval_of_another_file(tmp_path, mesh_runs, capsys):
     other = tmp_path / "other.txt"
     other.write_text("\n\n".join(f"Sonnet {i}: shall I compare thee to a summer's day?" for i in range(300)))
     assert cli.main(["eval", f"--workdir={workdir}", f"--config.data.eval_file={other}"]) == 0
-    with open(os.path.join(workdir, "eval", "eval_step20.json")) as f:
+    with open(os.path.join(workdir, "eval", "eval_step10.json")) as f:
         result = json.load(f)
-    with open(os.path.join(mesh_runs["d2f2t2"], "eval", "eval_step20.json")) as f:
+    with open(os.path.join(mesh_runs["d2f2t2"], "eval", "eval_step10.json")) as f:
         original = json.load(f)
     assert np.isfinite(result["eval/loss"]) and result["eval/loss"] != original["eval/loss"]
-    assert "eval at step 20" in capsys.readouterr().out
+    assert "eval at step 10" in capsys.readouterr().out
 
 
 def test_eval_of_the_best_checkpoint(tmp_path, mesh_runs):
