@@ -6,8 +6,9 @@
 
 Prompts of different lengths are left-padded into one batch: padded slots are marked invalid in
 the cache and every row's positions start at 0 at its first real token, so a row decodes exactly
-as it would alone. The cache has a fixed size (longest prompt, rounded up, + max_new_tokens), so
-prefill and step each compile once per (batch, prompt bucket, max_new_tokens, sampling).
+as it would alone. The cache starts at the prompt (rounded up to PROMPT_BUCKET) plus
+CACHE_GROWTH slots and grows by CACHE_GROWTH when full, up to prompt + max_new_tokens: prefill
+compiles once per (batch, prompt bucket, sampling), the step once per cache size on top.
 """
 
 import dataclasses
