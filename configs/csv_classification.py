@@ -14,8 +14,8 @@ with the prepared data and in DIR/config.json (data.label_names); eval/precision
 and eval/f1 are binary (positive class: a label named 'positive', else label 1) for two classes
 and macro averages for more; DIR/eval_report.json has per-class values and the confusion
 matrix, and DIR/best/ the params of the best eval/f1. What it reaches depends on the data: on
-the 2-class rule-based CSV of tests/test_classification.py it reaches eval/accuracy 1.0 in
-about 100 steps (seconds on a 2-core CPU). `:runlocal` shrinks it for a smoke test.
+the 2-class rule-based CSV of tests/test_classification.py, `:runlocal` (a 1-layer encoder,
+sequences of 16 tokens) reaches eval/accuracy >= 0.95 in 80 steps, which that test asserts.
 """
 
 from jaxlm.config import base_config

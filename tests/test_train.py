@@ -112,7 +112,7 @@ def interrupt_at(workdir, data_dir, after_step: int, sig: int, log_path: str) ->
 
 def test_kill9_then_rerun_is_bitwise_identical(tmp_path, data_dir, straight_run):
     killed = str(tmp_path / "killed")
-    kill_after = random.Random().randint(7, RESUME_STEPS - 4)  # Random, but after the first checkpoint (step 5).
+    kill_after = random.Random().randint(7, RESUME_STEPS - 6)  # Random, but after the first checkpoint (step 5).
     interrupt_at(killed, data_dir, kill_after, signal.SIGKILL, str(tmp_path / "killed.log"))
     logged_before_kill = max(losses(killed))
     run_cli(runlocal(killed, data_dir))
