@@ -120,13 +120,7 @@ def files_corpus(data_config, data_dir: str) -> LabeledCorpus:
 def tfds_corpus(data_config, data_dir: str) -> LabeledCorpus:
     """A prepared tfds dataset: data.text_column (+ text_pair_column) and a ClassLabel label_column."""
     name = data_config.tfds_name.strip()
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except Exception as e:  # tfds raises several types (DatasetNotFoundError, ValueError, ...).
-        raise UserError(f"data.tfds_name={name}: unknown tfds dataset ({type(e).__name__}); check the name") from None
-    if not builder.is_prepared():
-        raise UserError(f"data.tfds_name={name}: not prepared in data.data_dir={data_dir}; prepare it once with: "
-                        f"tfds build {name} --data_dir={data_dir} --file_format=array_record")
+    builder = sources.prepared_builder(name, data_dir)
     features = builder.info.features
     keys = []
     for field, default in (("text_column", "text"), ("text_pair_column", ""), ("label_column", "label")):
@@ -148,19 +142,9 @@ def tfds_corpus(data_config, data_dir: str) -> LabeledCorpus:
             raise UserError(f"data.label_column={keys[2]!r} of {name} is not a ClassLabel; set data.num_labels "
                             "or data.label_names")
         names = tuple(str(i) for i in range(count))
-    splits = {}
-    for field, default in (("train_split", "train"), ("eval_split", "validation")):
-        split = data_config.get(field, default)
-        try:
-            source = builder.as_data_source(split)
-        except NotImplementedError:
-            raise UserError(f"data.tfds_name={name}: prepared as {builder.info.file_format.value}, which has no "
-                            "random access; rebuild it with --file_format=array_record") from None
-        except (KeyError, ValueError):
-            raise UserError(f"data.{field}={split!r}: not a split of {name} "
-                            f"({', '.join(builder.info.splits.keys())}); fix data.{field}") from None
-        splits[field] = _read_split(source, split, tuple(keys), len(names), f"data.tfds_name={name}")
-    dataset_id = re.sub(r"[^A-Za-z0-9_./-]", "_", f"tfds/{builder.info.full_name}")
+    splits = {field: _read_split(source, split, tuple(keys), len(names), f"data.tfds_name={name}")
+              for field, (split, source) in sources.split_sources(builder, data_config, data_dir).items()}
+    dataset_id = sources.tfds_dataset_id(builder)
     return LabeledCorpus(dataset_id=dataset_id, label_names=names, train=splits["train_split"],
                          eval=splits["eval_split"], has_pairs=bool(keys[1]))
 

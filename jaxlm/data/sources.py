@@ -86,10 +86,8 @@ def _prepare_hint(name: str, data_dir: str) -> str:
     return f"prepare it once with: tfds build {name} --data_dir={data_dir} --file_format=array_record"
 
 
-def tfds_corpus(data_config, data_dir: str) -> TextCorpus:
-    """`data.tfds_name`: a tfds dataset already prepared in data_dir (never downloaded here)."""
-    name = data_config.tfds_name.strip()
-    text_key = data_config.get("text_key", "text")
+def prepared_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
+    """The builder of a tfds dataset already prepared in data_dir (never downloaded here)."""
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # tfds raises several types (DatasetNotFoundError, ValueError, ...).
@@ -101,30 +99,51 @@ def tfds_corpus(data_config, data_dir: str) -> TextCorpus:
             f"data.tfds_name={name}: not prepared in data.data_dir={data_dir};"
             f" {_prepare_hint(name, data_dir)}"
         )
+    return builder
+
+
+def split_sources(builder: tfds.core.DatasetBuilder, data_config, data_dir: str) -> dict[str, tuple[str, Any]]:
+    """{"train_split": (split, random-access source), "eval_split": (…)} from data.train_split /
+    data.eval_split (defaults train / validation)."""
+    name = data_config.tfds_name.strip()
+    splits = {}
+    for field, default in (("train_split", "train"), ("eval_split", "validation")):
+        split = data_config.get(field, default)
+        try:
+            splits[field] = (split, builder.as_data_source(split))
+        except NotImplementedError:
+            raise UserError(
+                f"data.tfds_name={name}: prepared as {builder.info.file_format.value}, which has no"
+                f" random access; {_prepare_hint(name, data_dir)} (in a new data.data_dir)"
+            ) from None
+        except (KeyError, ValueError):
+            available = ", ".join(builder.info.splits.keys())
+            raise UserError(
+                f"data.{field}={split!r}: not a split of {name} ({available}); fix data.{field}"
+            ) from None
+    return splits
+
+
+def tfds_dataset_id(builder: tfds.core.DatasetBuilder) -> str:
+    """A stable name for the prepared data, usable as a relative path (names the caches)."""
+    return re.sub(r"[^A-Za-z0-9_./-]", "_", f"tfds/{builder.info.full_name}")
+
+
+def tfds_corpus(data_config, data_dir: str) -> TextCorpus:
+    """`data.tfds_name`: a tfds dataset already prepared in data_dir (never downloaded here)."""
+    name = data_config.tfds_name.strip()
+    text_key = data_config.get("text_key", "text")
+    builder = prepared_builder(name, data_dir)
     features = list(builder.info.features.keys())
     if text_key not in features:
         raise UserError(
             f"data.text_key={text_key!r} is not a feature of {name} (it has {', '.join(features)});"
             " set it to the text feature"
         )
-    splits = {}
-    for field, default in (("train_split", "train"), ("eval_split", "validation")):
-        split = data_config.get(field, default)
-        try:
-            source = builder.as_data_source(split)
-        except NotImplementedError:
-            raise UserError(
-                f"data.tfds_name={name}: prepared as {builder.info.file_format.value}, which has no"
-                f" random access; {_prepare_hint(name, data_dir)} (in a new data.data_dir)"
-            ) from None
-        except (KeyError, ValueError) as e:
-            available = ", ".join(builder.info.splits.keys())
-            raise UserError(
-                f"data.{field}={split!r}: not a split of {name} ({available}); fix data.{field}"
-            ) from None
-        splits[field] = TextSplit(source, text_key, split)
+    splits = {field: TextSplit(source, text_key, split)
+              for field, (split, source) in split_sources(builder, data_config, data_dir).items()}
     return TextCorpus(
-        dataset_id=re.sub(r"[^A-Za-z0-9_./-]", "_", f"tfds/{builder.info.full_name}"),
+        dataset_id=tfds_dataset_id(builder),
         train=splits["train_split"],
         eval=splits["eval_split"],
         prep_report={},
