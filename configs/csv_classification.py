@@ -13,9 +13,22 @@ Without data.eval_file a fixed random 10% of the rows is held out. The label nam
 with the prepared data and in DIR/config.json (data.label_names); eval/precision, eval/recall
 and eval/f1 are binary (positive class: a label named 'positive', else label 1) for two classes
 and macro averages for more; DIR/eval_report.json has per-class values and the confusion
-matrix, and DIR/best/ the params of the best eval/f1. What it reaches depends on the data: on
-the 2-class rule-based CSV of tests/test_classification.py, `:runlocal` (a 1-layer encoder,
-sequences of 16 tokens) reaches eval/accuracy >= 0.95 in 80 steps, which that test asserts.
+matrix, and DIR/best/ the params of the best eval/f1. Integer labels are class indices
+(named by data.label_names if given, as SST-2's 0/1 by configs/sst2.py); config.json records
+the kind (data.label_kind), so a later `jaxlm eval --config.data.eval_file=...` maps integer or
+name labels of another file exactly as training did.
+
+`:runlocal` (a 1-layer encoder, sequences of 16 tokens, 80 steps) on the 2-class rule-based
+reviews that tests/test_classification.py writes (400 train, 61 eval rows):
+
+    python -c "import sys; sys.path.insert(0, 'tests'); from sample_data import write_reviews; \
+        write_reviews('reviews_train.csv', 400, 0); write_reviews('reviews_eval.csv', 61, 1)"
+    jaxlm train --config=configs/csv_classification.py:runlocal --workdir=runs/reviews_local \
+        --config.data.train_file=reviews_train.csv --config.data.eval_file=reviews_eval.csv \
+        --config.data.text_column=review --config.data.label_column=sentiment
+
+reaches eval/accuracy 1.0 (61/61) at steps 40 and 80, eval/loss 0.0052 at step 80; the test
+asserts eval/accuracy >= 0.95 at step 80.
 """
 
 from jaxlm.config import base_config
@@ -65,11 +78,15 @@ def get_config(arg: str = ""):
     c.optim.b2 = 0.999
 
     if arg == "runlocal":
-        c.steps = 60
+        # A tiny encoder learns fast: a short warmup and a high peak rate, decayed over 80 steps.
+        c.steps = 80
         c.log_every = 10
-        c.eval_every = 30
-        c.checkpoint_every = 30
-        c.seq_len = 32
+        c.eval_every = 40
+        c.checkpoint_every = 40
+        c.optim.learning_rate = 3e-3
+        c.optim.warmup_steps = 10
+        c.seq_len = 16
+        c.data.length_buckets = 1  # Short texts: one batch shape, one compile.
         c.data.bpe_vocab_size = 512
         c.model.num_layers = 1
         c.model.d_model = 32

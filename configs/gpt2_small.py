@@ -8,9 +8,9 @@ Shape as in Radford et al. 2019 (12 layers, d_model 768, 12 heads, 1024 context,
 prepared tfds `c4/en` in data_dir (prepare it once with `tfds build c4/en --data_dir=…`).
 0.5M tokens per step (512 x 1024) for 20k steps = 10B tokens, about 4x Chinchilla's 20 tokens
 per parameter. Expected from published GPT-2-small replications on web text (nanoGPT,
-levanter): eval/loss around 3.0-3.3 nats on C4 validation by the end; size it first with
-`jaxlm aot --config=configs/gpt2_small.py --topology=v5e:2x4`. `:runlocal` shrinks everything
-for a CPU smoke test on the embedded corpus.
+levanter), not yet measured by us: eval/loss around 3.0-3.3 nats on C4 validation by the end.
+Size it first with `jaxlm aot --config=configs/gpt2_small.py --topology=v5e:2x4`. `:runlocal`
+shrinks everything for a CPU smoke test on the embedded corpus.
 """
 
 from jaxlm.config import base_config

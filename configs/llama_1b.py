@@ -9,8 +9,12 @@ of 64, SwiGLU width 8192, RoPE base 500,000, tied embeddings, no biases; the tok
 local directory with tokenizer files; Llama 3's has 128,256 tokens) sets the vocabulary.
 1M tokens per step (512 x 2048) for 25k steps = 25B tokens (about 20 tokens per parameter,
 Hoffmann et al. 2022). Target: a v5p-64 slice (32 chips, topology 2x4x4; one JAX device per
-chip), FSDP over every chip. Check the fit and the step's FLOPs first: `jaxlm aot --config=configs/llama_1b.py --topology=v5p:2x2x2`. Expected,
-not yet measured by us: MFU around 50% with FSDP on v5p. `:runlocal` shrinks it for a CPU.
+chip), FSDP over every chip. Check the fit and the step's FLOPs first:
+
+    jaxlm aot --config=configs/llama_1b.py --topology=v5p:2x2x2
+
+Expected, not yet measured by us: MFU around 50% with FSDP on v5p. `:runlocal` shrinks it for
+a CPU.
 """
 
 from jaxlm.config import base_config

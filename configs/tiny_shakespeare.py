@@ -2,11 +2,10 @@
 
     jaxlm train --config=configs/tiny_shakespeare.py --workdir=runs/tiny_shakespeare
 
-What it reaches: eval/bits_per_byte 2.507 on the held-out last 10% of the plays after 360 steps
-(measured). On a quiet 2-core CPU the whole command took 273 s from an empty workdir and
-data_dir (0.65 s a step); see the README.
+What it reaches: eval/bits_per_byte 2.507 on the held-out last 10% of the plays after 360 steps.
 A byte-level BPE (1024 tokens) is trained on the corpus at the first start and saved in the
-run directory. `:runlocal` shrinks it further for a smoke test (~30 s).
+run directory. `:runlocal` shrinks it further for a smoke test. Measured wall times and s/step:
+benchmarks/README.md ("Recipes: measured").
 """
 
 from jaxlm.config import base_config

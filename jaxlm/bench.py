@@ -1,6 +1,6 @@
 """`jaxlm bench --mode=decode`: jaxlm's KV-cache decoding next to transformers' generate().
 
-Same model (the GPT-2 shape of /work/shared/bench/peer_hf_torch.py: 6 layers, d_model 384,
+Same model (the GPT-2 shape of benchmarks/peers/peer_hf_torch.py: 6 layers, d_model 384,
 6 heads, d_ff 1536, vocab 8192, 256 positions, tied, gelu_tanh), same random weights (jaxlm
 exports them and transformers loads the export), same prompts, greedy, the same number of new
 tokens (no early stop), fp32, same CPU, in one process. HF runs with torch's default thread

@@ -4,7 +4,6 @@ Kept apart from the rolling checkpoints (which must always hold the latest step 
 The params are written synchronously: the train step donates them right after.
 """
 
-import json
 import math
 import os
 from typing import Any, Optional
@@ -13,26 +12,18 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from jaxlm import io
+
 BEST_DIRNAME = "best"
 BEST_JSON = "best.json"
 
 
-def write_json_atomically(path: str, value: Any) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-
-
 class BestCheckpoint:
     def __init__(self, workdir: str, metric: str, mode: str = "max"):
-        self.workdir = os.path.abspath(workdir)
+        self.workdir = io.path(workdir)
         self.metric, self.mode = metric, mode
-        self.record: Optional[dict] = None
-        path = os.path.join(self.workdir, BEST_JSON)
-        if os.path.exists(path):  # A resumed run keeps the best it had.
-            with open(path, encoding="utf-8") as f:
-                self.record = json.load(f)
+        # A resumed run keeps the best it had (a broken best.json is a UserError naming it).
+        self.record: Optional[dict] = io.read_json(self.workdir / BEST_JSON, default=None)
         self._manager = None
         self._warned = False
 
@@ -57,16 +48,16 @@ class BestCheckpoint:
             return False
         if self._manager is None:
             self._manager = ocp.CheckpointManager(
-                os.path.join(self.workdir, BEST_DIRNAME),
+                self.workdir / BEST_DIRNAME,
                 options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True, enable_async_checkpointing=False),
                 item_handlers={"params": ocp.StandardCheckpointHandler()})
         self._manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), force=True)
         self._manager.wait_until_finished()
         self.record = {"step": step, "metric": self.metric, "value": value, "mode": self.mode,
-                       "params": os.path.join(self.workdir, BEST_DIRNAME, str(step), "params"),
+                       "params": os.fspath(self.workdir / BEST_DIRNAME / str(step) / "params"),
                        "report": report or {}}
         if jax.process_index() == 0:
-            write_json_atomically(os.path.join(self.workdir, BEST_JSON), self.record)
+            io.write_json_atomic(self.workdir / BEST_JSON, self.record)
         logging.info("best checkpoint: %s=%.4g at step %d", self.metric, value, step)
         return True
 

@@ -7,15 +7,15 @@
   orbax reshards whatever mesh wrote the files.
 """
 
-import json
-import os
 import time
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
+from jaxlm import io
 from jaxlm.errors import UserError
 
 try:  # grain's orbax handler writes one iterator-state file per process.
@@ -24,8 +24,8 @@ except ImportError:  # pragma: no cover - grain is a runtime dependency
     grain_checkpoint = None
 
 
-def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir) if "://" not in workdir else workdir, "checkpoints")
+def checkpoint_dir(workdir: str) -> epath.Path:
+    return io.path(workdir) / "checkpoints"
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
@@ -79,9 +79,8 @@ class Checkpointer:
         """Restores the state into the shardings that `abstract_state` carries, and the data
         iterator to the batch after `step`."""
         items = {"state": ocp.args.StandardRestore(abstract_state)}
-        own_file = os.path.join(self.directory, str(step), "data",
-                                f"process_{jax.process_index()}-of-{jax.process_count()}.json")
-        restore_data_here = self.with_data and data_iter is not None and os.path.exists(own_file)
+        own_file = self.directory / str(step) / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        restore_data_here = self.with_data and data_iter is not None and own_file.exists()
         if restore_data_here:
             items["data"] = grain_checkpoint.CheckpointRestore(data_iter)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
@@ -92,13 +91,12 @@ class Checkpointer:
     def _restore_data_from_any_host(self, step: int, data_iter: Any) -> None:
         """A run resumed with another process count: every host consumed the same number of
         batches of the same global order, so any host's saved position is this host's too."""
-        data_dir = os.path.join(self.directory, str(step), "data")
-        saved = sorted(f for f in os.listdir(data_dir) if f.startswith("process_")) if os.path.isdir(data_dir) else []
+        data_dir = self.directory / str(step) / "data"
+        saved = [name for name in io.list_dir(data_dir) if name.startswith("process_")]
         if not saved:
             raise UserError(f"{data_dir}: the checkpoint has no data-iterator state; resume from a complete "
                             f"checkpoint or use a fresh --workdir")
-        with open(os.path.join(data_dir, saved[0])) as f:
-            data_iter.set_state(json.load(f))
+        data_iter.set_state(io.read_json(data_dir / saved[0]))
         logging.info("data: the process count changed since step %d; resumed the data position from %s",
                      step, saved[0])
 

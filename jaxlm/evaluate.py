@@ -2,27 +2,24 @@
 
     result = evaluate_checkpoint("runs/x", overrides={}, step=None, best=False, split="")
 
-The run's config.json (plus --config.* overrides, e.g. another data.eval_file) rebuilds the task,
-data and model; only the params are restored, straight into this machine's shardings; the
-metrics come from the training loop's own eval step (`jaxlm.train.evaluate_with_report`), so they
-are the numbers training logs. Results go to DIR/eval/<split>_step<N>.json and TensorBoard
+The run is opened as every command opens one (`jaxlm.run.find_run(…).open()`): config.json plus
+--config.* overrides (e.g. another data.eval_file), then the task's eval data; only the params
+are restored, straight into this machine's shardings; the metrics come from the training loop's
+own evaluation (`jaxlm.eval_loop.evaluate`), so they are the numbers training logs. Results go to DIR/eval/<split>_step<N>.json and TensorBoard
 (DIR/eval/<split>/).
 """
 
 import dataclasses
-import os
 import re
 from typing import Optional
 
 import jax
 import ml_collections
-from absl import logging
 from clu import metric_writers
 
-from jaxlm import config as config_lib
-from jaxlm import restore, sharding
-from jaxlm import train as train_lib
-from jaxlm.best_checkpoint import write_json_atomically
+from jaxlm import config_checks, eval_loop, io
+from jaxlm import run as run_lib
+from jaxlm.resolve import check_batch_layout
 from jaxlm.errors import UserError
 from jaxlm.tasks import get_task
 
@@ -59,39 +56,32 @@ def select_split(config: ml_collections.ConfigDict, split: str) -> str:
 def evaluate_checkpoint(workdir: str, overrides: dict[str, str], step: Optional[int] = None,
                         best: bool = False, split: str = "") -> EvalResult:
     # == 1. Checks before any data is read: config, split, checkpoint, mesh =================
-    config = restore.load_run_config(workdir, overrides)
+    found = run_lib.find_run(workdir, step=step, best=best, overrides=overrides, all_devices=True)
+    config = found.config
     split_name = select_split(config, split)
-    config_lib.validate(config)
-    source = restore.find_checkpoint(workdir, step, best)
-    mesh = sharding.make_mesh(config.mesh)
-    train_lib.check_batch_layout(config, mesh)
+    config_checks.validate(config)
+    check_batch_layout(config, found.mesh)
 
-    # == 2. Data and model, as training built them ===============================================
+    # == 2. Data as training built it (a bad eval file fails before the params are read) ========
     task = get_task(config.task)
-    build = getattr(task, "build_eval_data", task.build_data)  # Eval-only data where the task has it.
-    data = build(config, workdir, jax.process_index(), jax.process_count())
-    train_lib.resolve_vocab(config, data.vocab_size)
-    trainer = train_lib.Trainer(config, mesh)
-    logging.info("eval: %s at step %d (%s split), %s parameters, mesh %s", workdir, source.step, split_name,
-                 f"{trainer.num_params:,}", dict(mesh.shape))
+    data = task.build_eval_data(config, workdir, jax.process_index(), jax.process_count())
 
-    # == 3. Params only, straight into this mesh's shardings; then the training eval loop ======
-    params = restore.restore_params(source, trainer.abstract_state.params, trainer.param_shardings)
-    steps = train_lib.CompiledSteps(trainer)
-    scalars, report = train_lib.evaluate_with_report(trainer, steps.eval, params, data, config.eval_batches)
+    # == 3. Model and params (no optimizer), then the training loop's own evaluation ============
+    run = found.open()
+    scalars, report = eval_loop.evaluate(run.model, run.params, data, config.eval_batches)
     scalars = {k: float(v) for k, v in scalars.items()}
 
     # == 4. Results: JSON, TensorBoard (process 0 writes) =========================================
-    json_path = os.path.join(workdir, EVAL_DIRNAME, f"{split_name}_step{source.step}.json")
+    json_path = io.path(workdir) / EVAL_DIRNAME / f"{split_name}_step{run.step}.json"
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(json_path), exist_ok=True)
-        write_json_atomically(json_path, {
-            "step": source.step, "split": split_name, "checkpoint": os.fspath(source.path),
+        io.make_dirs(json_path.parent)
+        io.write_json_atomic(json_path, {
+            "step": run.step, "split": split_name, "checkpoint": str(found.source.path),
             "devices": jax.device_count(), **scalars, **({"report": report} if report != scalars else {})})
-        writer = metric_writers.SummaryWriter(os.path.join(workdir, EVAL_DIRNAME, split_name))
-        writer.write_scalars(source.step, scalars)
+        writer = metric_writers.SummaryWriter(str(io.path(workdir) / EVAL_DIRNAME / split_name))
+        writer.write_scalars(run.step, scalars)
         writer.close()
-    return EvalResult(source.step, split_name, scalars, report, json_path)
+    return EvalResult(run.step, split_name, scalars, report, str(json_path))
 
 
 def format_table(result: EvalResult) -> str:

@@ -23,11 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import restore
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.errors import UserError
 from jaxlm.models import Model, ModelConfig
-from jaxlm.train import Trainer
+from jaxlm.run import open_run
 
 PROMPT_BUCKET = 16  # Prompt lengths are padded up to a multiple of this: fewer compiles.
 SYNC_EVERY = 8  # Without a streaming callback, the host checks for EOS every this many tokens.
@@ -123,9 +122,14 @@ class Generator:
         return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), self._cache_shapes[(batch, length)])
 
     @staticmethod
-    @functools.partial(jax.jit, static_argnums=1, donate_argnums=0)
+    @functools.partial(jax.jit, static_argnums=1)
     def _grow_cache(cache: Any, slots: int) -> Any:
-        """The cache with `slots` more (empty, invalid) slots at the end."""
+        """The cache with `slots` more (empty, invalid) slots at the end.
+
+        Not donated: the grown cache has another shape, so XLA can never write it into the old
+        buffers (jax warns that the donation was unusable). The old cache is freed when the
+        caller drops it, right after.
+        """
         def pad(path, a):
             axis = {"cached_key": 2, "cached_value": 2, "cached_valid": 1}.get(getattr(path[-1], "key", None))
             if axis is None:
@@ -262,57 +266,60 @@ def read_prompts(prompt: Optional[str], prompts_file: Optional[str]) -> list[str
 def load_run_generator(workdir: str, overrides: dict[str, str], step: Optional[int] = None, best: bool = False):
     """(Generator, tokenizer, step) for a causal-LM run's checkpoint, on one device unless
     --config.mesh.* overrides ask for more (params restored straight into that mesh)."""
-    config = restore.load_run_config(workdir, overrides)
-    if config.task != "causal_lm":
-        raise UserError(f"--workdir={workdir} holds a {config.task} run; generate needs a causal_lm run")
-    source = restore.find_checkpoint(workdir, step, best)
-    mesh = restore.inference_mesh(config, overrides)
-    tokenizer = tokenizer_lib.load_tokenizer(config.data.tokenizer, workdir)
-    trainer = Trainer(config, mesh)
-    params = restore.restore_params(source, trainer.abstract_state.params, trainer.param_shardings)
-    return Generator(trainer.model_config, params, valid_vocab=len(tokenizer)), tokenizer, source.step
+    run = open_run(workdir, step=step, best=best, overrides=overrides, require="generate")
+    return Generator(run.model.model_config, run.params, valid_vocab=len(run.tokenizer)), run.tokenizer, run.step
 
 
 def encode_prompts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each prompt after an EOS: training saw every document start right after one."""
-    eos = tokenizer_lib.eos_id(tokenizer)
-    return [[eos] + ids for ids in tokenizer_lib.BatchEncoder(tokenizer)(list(texts))]
+    """Token ids of each prompt as a new document: after the EOS every document follows in training
+    (`document_prefix`), without the tokenizer's own special tokens (training never saw them)."""
+    prefix = tokenizer_lib.document_prefix(tokenizer)
+    return [prefix + ids for ids in tokenizer_lib.BatchEncoder(tokenizer)(list(texts))]
 
 
 class TextStream:
-    """Prints generated text as it comes: one sequence token by token; several, each one as soon as
-    it finishes (EOS or the token limit), so their lines never interleave."""
+    """Prints generated text in prompt order, each sequence as one block ("[i] prompt…" when there
+    are several): the first unfinished sequence streams token by token, the ones after it are held
+    until it ends (EOS or the token limit), so blocks never interleave whatever order rows finish in.
+    """
 
     def __init__(self, tokenizer, prompts: Sequence[str], eos_id: Optional[int], write: Callable[[str], None]):
         self.tokenizer, self.prompts, self.eos_id, self.write = tokenizer, list(prompts), eos_id, write
         self.ids: list[list[int]] = [[] for _ in prompts]
         self.done = [False] * len(prompts)
-        self.shown = 0  # characters of sequence 0 already printed (single-sequence mode)
-        if len(prompts) == 1:
-            self.write(prompts[0])
+        self.front = 0  # the sequence being printed; every one before it is printed whole
+        self.shown = 0  # characters of the front sequence's text already printed
+        self._start_front()
+
+    def _start_front(self) -> None:
+        if self.front < len(self.prompts):
+            label = f"[{self.front}] " if len(self.prompts) > 1 else ""
+            self.write(label + self.prompts[self.front])
 
     def __call__(self, tokens: np.ndarray, finished: np.ndarray) -> None:
         for i, token in enumerate(tokens.tolist()):
             if self.done[i]:
                 continue
             if token == self.eos_id:
-                self._finish(i)
+                self.done[i] = True
+            else:
+                self.ids[i].append(token)
+        self._flush()
+
+    def _flush(self) -> None:
+        while self.front < len(self.prompts):
+            text = self.tokenizer.decode(self.ids[self.front])
+            if self.done[self.front]:
+                self.write(text[self.shown:] + "\n")
+                self.front, self.shown = self.front + 1, 0
+                self._start_front()
                 continue
-            self.ids[i].append(token)
-        if len(self.prompts) == 1 and not self.done[0]:
-            text = self.tokenizer.decode(self.ids[0])
-            if not text.endswith("\ufffd"):  # Wait for the rest of a multi-byte character.
+            if len(text) > self.shown and not text.endswith("\ufffd"):  # Wait for a multi-byte character's rest.
                 self.write(text[self.shown:])
                 self.shown = len(text)
-
-    def _finish(self, i: int) -> None:
-        self.done[i] = True
-        if len(self.prompts) == 1:
-            self.write(self.tokenizer.decode(self.ids[0])[self.shown:] + "\n")
-        else:
-            self.write(f"[{i}] {self.prompts[i]}{self.tokenizer.decode(self.ids[i])}\n")
+            return
 
     def close(self) -> None:
-        for i, done in enumerate(self.done):
-            if not done:
-                self._finish(i)
+        """Ends every sequence still open (they reached the token limit)."""
+        self.done = [True] * len(self.prompts)
+        self._flush()

@@ -105,7 +105,7 @@ def measured_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
         t = time.perf_counter()
         f(x).block_until_ready()
         times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / min(times)  # The best run: a peak, as in ../shared/bench/peak_matmul.py.
+    return 2 * n ** 3 / min(times)  # The best run: a peak, as in benchmarks/peers/peak_matmul.py.
 
 
 def device_peak_flops() -> tuple[float, str]:

@@ -26,13 +26,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from flax import linen as nn
 
-from jaxlm import restore, sharding
+from jaxlm import io
+from jaxlm import run as run_lib
+from jaxlm import sharding
+from jaxlm.compat import mesh_context
 from jaxlm.data import example_loader, table_files
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.errors import UserError
-from jaxlm.train import Trainer
+from jaxlm.sharded_model import ShardedModel
 
 INPUT_FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",
                  ".txt": "text", ".text": "text"}
@@ -99,22 +101,20 @@ def read_inputs(path: str, text_column: str = "text", text_pair_column: str = ""
 class Classifier:
     """A classification run's eval model on this machine's devices, for labelling new texts."""
 
-    def __init__(self, trainer: Trainer, params: Any, tokenizer: Any, label_names: Sequence[str], step: int):
-        self.trainer = trainer
+    def __init__(self, model: ShardedModel, params: Any, tokenizer: Any, label_names: Sequence[str], step: int):
+        self.model = model
         self.params = params
         self.tokenizer = tokenizer
         self.label_names = tuple(label_names)
         self.step = step
-        self.seq_len = int(trainer.config.seq_len)
+        self.seq_len = int(model.config.seq_len)
         self.pad_id = tokenizer_lib.pad_id(tokenizer)
         self.buckets = example_loader.bucket_lengths(self.seq_len, NUM_LENGTH_BUCKETS)
         self._probs = jax.jit(self._probabilities)
 
     def _probabilities(self, params, tokens, padding_mask, token_type_ids):
-        t = self.trainer
-        with nn.logical_axis_rules(t.rules):
-            logits = t.eval_model.apply({"params": params}, tokens=tokens, padding_mask=padding_mask,
-                                        token_type_ids=token_type_ids)
+        logits = self.model.apply(params, {"inputs": tokens, "padding_mask": padding_mask,
+                                           "token_type_ids": token_type_ids})
         # Only the run's classes: the head may be wider (at least 2 outputs).
         return jax.nn.softmax(logits[:, :len(self.label_names)].astype(jnp.float32), axis=-1)
 
@@ -145,7 +145,7 @@ class Classifier:
         pairs = list(pairs) if pairs is not None and any(pairs) else None
         probs = np.zeros((n, len(self.label_names)), np.float32)
         truncated = 0
-        mesh = self.trainer.mesh
+        mesh = self.model.mesh
         rows_per_batch = -(-batch_size // mesh.size) * mesh.size  # Whole rows per device.
         started = last_report = time.time()
         for start in range(0, n, rows_per_batch):
@@ -154,7 +154,7 @@ class Classifier:
             truncated += cut
             batch = self._batch(ids, types, rows_per_batch)
             batch = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
-            with sharding.mesh_context(mesh):
+            with mesh_context(mesh):
                 out = self._probs(self.params, **batch)
             probs[start:stop] = np.asarray(jax.device_get(out))[:stop - start]
             now = time.time()
@@ -165,23 +165,20 @@ class Classifier:
         return Predictions(np.argmax(probs, -1).astype(np.int32), probs, truncated)
 
 
+def classifier_of(found: run_lib.RunCheckpoint) -> Classifier:
+    """A classification run's checkpoint (params only), opened on its mesh."""
+    run = found.open(require="predict")
+    names = list(found.config.data.label_names or [])
+    if not names:
+        raise UserError(f"{found.workdir}/config.json has no data.label_names; it was not written by a "
+                        "classification run that started training")
+    return Classifier(run.model, run.params, run.tokenizer, names, run.step)
+
+
 def load_run_classifier(workdir: str, overrides: dict[str, str], step: Optional[int] = None,
                         best: bool = False) -> Classifier:
-    """A classification run's checkpoint (params only) on one device, unless --config.mesh.* asks for more."""
-    config = restore.load_run_config(workdir, overrides)
-    if config.task != "classification":
-        raise UserError(f"--workdir={workdir} holds a {config.task} run; predict needs a classification run "
-                        "(use generate for a causal LM)")
-    names = list(config.data.label_names or [])
-    if not names:
-        raise UserError(f"{workdir}/config.json has no data.label_names; it was not written by a classification "
-                        "run that started training")
-    source = restore.find_checkpoint(workdir, step, best)
-    mesh = restore.inference_mesh(config, overrides)
-    tokenizer = tokenizer_lib.load_tokenizer(config.data.tokenizer, workdir)
-    trainer = Trainer(config, mesh)
-    params = restore.restore_params(source, trainer.abstract_state.params, trainer.param_shardings)
-    return Classifier(trainer, params, tokenizer, names, source.step)
+    """The run in `workdir` as a Classifier, on one device unless --config.mesh.* asks for more."""
+    return classifier_of(run_lib.find_run(workdir, step=step, best=best, overrides=overrides))
 
 
 def _column_names(label_names: Sequence[str]) -> list[str]:
@@ -192,36 +189,30 @@ def write_predictions(path: str, rows: Sequence[InputRow], predictions: Predicti
                       overwrite: bool = False) -> None:
     """Writes the rows with their predictions, atomically (a partial file never appears at `path`)."""
     fmt = output_format(path)
-    if os.path.exists(path) and not overwrite:
+    if io.exists(path) and not overwrite:
         raise UserError(f"--output={path} exists; choose another name or pass --overwrite")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
+    parent = io.path(path).parent
+    if not io.is_dir(parent):
         raise UserError(f"--output={path}: directory {parent} does not exist; create it first")
     prob_columns = _column_names(label_names)
     added = ["label", "score", *prob_columns]
     clash = sorted({k for r in rows for k in r.values} & set(added))
     # Input columns named like ours keep their values under an 'input_' prefix.
     rename = {k: f"input_{k}" for k in clash}
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            if fmt == "jsonl":
-                for row, label, probs in zip(rows, predictions.labels, predictions.probs):
-                    record = {rename.get(k, k): v for k, v in row.values.items()}
-                    record.update(label=label_names[label], score=float(probs[label]),
-                                  **{c: float(p) for c, p in zip(prob_columns, probs)})
-                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            else:
-                columns = list(dict.fromkeys(k for r in rows for k in r.values))
-                writer = csv.writer(f, delimiter="\t" if fmt == "tsv" else ",", lineterminator="\n")
-                writer.writerow([rename.get(k, k) for k in columns] + added)
-                for row, label, probs in zip(rows, predictions.labels, predictions.probs):
-                    writer.writerow([row.values.get(k, "") for k in columns] + [
-                        label_names[label], f"{probs[label]:.6f}", *(f"{p:.6f}" for p in probs)])
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with io.open_atomic(path) as f:  # Streamed to a temp file beside `path`, renamed when complete.
+        if fmt == "jsonl":
+            for row, label, probs in zip(rows, predictions.labels, predictions.probs):
+                record = {rename.get(k, k): v for k, v in row.values.items()}
+                record.update(label=label_names[label], score=float(probs[label]),
+                              **{c: float(p) for c, p in zip(prob_columns, probs)})
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        else:
+            columns = list(dict.fromkeys(k for r in rows for k in r.values))
+            writer = csv.writer(f, delimiter="\t" if fmt == "tsv" else ",", lineterminator="\n")
+            writer.writerow([rename.get(k, k) for k in columns] + added)
+            for row, label, probs in zip(rows, predictions.labels, predictions.probs):
+                writer.writerow([row.values.get(k, "") for k in columns] + [
+                    label_names[label], f"{probs[label]:.6f}", *(f"{p:.6f}" for p in probs)])
 
 
 def run_predict(workdir: str, input_path: str, output_path: str, overrides: dict[str, str], *,
@@ -238,7 +229,8 @@ def run_predict(workdir: str, input_path: str, output_path: str, overrides: dict
     input_format(input_path)
     if not os.path.isfile(input_path):
         raise UserError(f"--input={input_path}: no such file")
-    config = restore.load_run_config(workdir, overrides)
+    found = run_lib.find_run(workdir, step=step, best=best, overrides=overrides)
+    config = found.config
     text_column = text_column or config.data.text_column or "text"
     if text_pair_column == "" and config.data.get("text_pair_column", ""):
         text_pair_column = config.data.text_pair_column  # The run classified pairs: so does predict.
@@ -246,7 +238,7 @@ def run_predict(workdir: str, input_path: str, output_path: str, overrides: dict
         raise UserError(f"--input={input_path}: this run classifies text pairs ({text_pair_column!r}); give a "
                         "CSV, TSV or JSONL file with both columns")
     rows = read_inputs(input_path, text_column, text_pair_column)
-    classifier = load_run_classifier(workdir, overrides, step, best)
+    classifier = classifier_of(found)
     logging.info("predict: %d rows of %s with step %d of %s (%s)", len(rows), input_path, classifier.step, workdir,
                  ", ".join(classifier.label_names))
     predictions = classifier.predict([r.text for r in rows], [r.pair for r in rows], batch_size, log_progress=True)

@@ -12,7 +12,6 @@ whose shape fits is kept; the rest of the head (e.g. a classifier for new labels
 """
 
 import dataclasses
-import json
 import os
 from typing import Any, Callable, Optional
 
@@ -21,6 +20,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from jaxlm import io
 from jaxlm.errors import UserError
 
 # Fields that describe how to run the model rather than what it is: the run's config keeps them.
@@ -80,11 +80,7 @@ def select_matching(abstract: Any, loaded: Any, path: tuple = ()) -> tuple[dict,
 
 
 def _read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: unreadable ({e}); init_from needs an intact directory") from None
+    value = io.read_json(path)  # A UserError naming the file when it is not JSON.
     if not isinstance(value, dict):
         raise UserError(f"{path}: expected a JSON object")
     return value
@@ -106,8 +102,8 @@ def _resolve_huggingface(config: ml_collections.ConfigDict, path: str) -> Pretra
     from jaxlm.tasks import get_task  # pylint: disable=import-outside-toplevel
     # Everything is read and checked now, before the run writes anything.
     cfg, params, info = load_hf_model(path, scan_layers=bool(config.model.scan_layers))
-    if not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
-        raise UserError(f"{os.path.join(path, 'tokenizer.json')} not found (nor {', '.join(TOKENIZER_FILES[1:])}): "
+    if not any(io.is_file(io.path(path) / name) for name in TOKENIZER_FILES):
+        raise UserError(f"{io.path(path) / 'tokenizer.json'} not found (nor {', '.join(TOKENIZER_FILES[1:])}): "
                         "init_from needs the model's tokenizer files; add them with tokenizer.save_pretrained")
     _set_model(config, cfg.to_dict())
     config.data.tokenizer = path
@@ -123,19 +119,15 @@ def _resolve_huggingface(config: ml_collections.ConfigDict, path: str) -> Pretra
 
 # -- another jaxlm run ------------------------------------------------------------------------------
 def latest_checkpoint_step(run_dir: str) -> Optional[int]:
-    directory = os.path.join(run_dir, "checkpoints")
-    if not os.path.isdir(directory):
-        return None
-    steps = [int(d) for d in os.listdir(directory)
-             if d.isdigit() and os.path.exists(os.path.join(directory, d, "state"))]
+    directory = io.path(run_dir) / "checkpoints"
+    steps = [int(d) for d in io.list_dir(directory) if d.isdigit() and io.exists(directory / d / "state")]
     return max(steps, default=None)
 
 
 def restore_params(state_dir: str) -> dict:
     """The `params` of a saved TrainState, as numpy (a partial restore: no optimizer state)."""
     import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-    from etils import epath  # pylint: disable=import-outside-toplevel
-    metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_dir)).tree
+    metadata = ocp.PyTreeCheckpointHandler().metadata(io.path(state_dir)).tree
     item = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metadata["params"])}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
@@ -147,17 +139,17 @@ def restore_params(state_dir: str) -> dict:
 def _resolve_run(config: ml_collections.ConfigDict, path: str, saved: dict) -> PretrainedSource:
     step = latest_checkpoint_step(path)
     if step is None:
-        raise UserError(f"{os.path.join(path, 'checkpoints')}: no checkpoint to start from; train that run first "
+        raise UserError(f"{io.path(path) / 'checkpoints'}: no checkpoint to start from; train that run first "
                         "(or point init_from at another run)")
     # The checkpoint's layout decides scan_layers (HF weights are laid out to order instead).
     _set_model(config, saved["model"], keep=tuple(f for f in RUNTIME_FIELDS if f != "scan_layers"))
     spec = (saved.get("data", {}).get("tokenizer") or "bpe").strip()
     if spec == "bpe":
-        spec = os.path.join(path, "tokenizer")
-        if not os.path.isdir(spec):
+        spec = os.fspath(io.path(path) / "tokenizer")
+        if not io.is_dir(spec):
             raise UserError(f"{spec}: missing; the run in init_from={path} trained its own tokenizer there")
     config.data.tokenizer = spec
-    state_dir = os.path.join(path, "checkpoints", str(step), "state")
+    state_dir = os.fspath(io.path(path) / "checkpoints" / str(step) / "state")
     logging.info("init_from %s: a jaxlm %s run, step %d", path, saved.get("task"), step)
     return PretrainedSource("jaxlm", path, lambda _abstract: restore_params(state_dir))
 
@@ -167,12 +159,12 @@ def resolve_init_from(config: ml_collections.ConfigDict) -> Optional[PretrainedS
     spec = (config.get("init_from", "") or "").strip()
     if not spec:
         return None
-    path = os.path.abspath(os.path.expanduser(spec))
-    if not os.path.isdir(path):
+    path = os.fspath(io.path(spec))  # A str: config.data.tokenizer may be set to it.
+    if not io.is_dir(path):
         raise UserError(f"init_from={spec}: no such directory; give a jaxlm run directory or a Hugging Face "
                         "model directory (config.json, model.safetensors, tokenizer files)")
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
+    config_path = os.fspath(io.path(path) / "config.json")
+    if not io.is_file(config_path):
         raise UserError(f"{config_path} not found: init_from must be a jaxlm run directory or a Hugging Face "
                         "model directory saved with save_pretrained")
     saved = _read_json(config_path)

@@ -1,8 +1,10 @@
-"""A finished (or running) run, reopened for inference: its config, its checkpoints, its params.
+"""A run directory's pieces, read back: its config, its checkpoints, its params.
 
     config = load_run_config(workdir, overrides)          # DIR/config.json + --config.* overrides
     source = find_checkpoint(workdir, step=None, best=False)
     params = restore_params(source, abstract_params, param_shardings)
+
+Commands do not call these one by one: `jaxlm.run.open_run` puts them together.
 
 Only the params are read (an orbax partial restore: the optimizer state, twice the params' size
 for Adam, stays on disk), and each array is read straight into its target sharding on this
@@ -11,7 +13,6 @@ machine's devices, whatever mesh wrote it.
 
 import dataclasses
 import gc
-import json
 from typing import Any, Optional
 
 import jax
@@ -21,7 +22,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from jaxlm import config as config_lib
-from jaxlm import sharding
+from jaxlm import io, sharding
 from jaxlm.best_checkpoint import BEST_DIRNAME, BEST_JSON
 from jaxlm.checkpoint import abstract_with_shardings, checkpoint_dir
 from jaxlm.errors import UserError
@@ -33,7 +34,7 @@ GROUP_BYTES = 64 << 20
 
 
 def _path(workdir: str, *parts: str) -> epath.Path:
-    return epath.Path(workdir).joinpath(*parts)
+    return io.path(workdir).joinpath(*parts)
 
 
 def load_run_config(workdir: str, overrides: dict[str, str]) -> ml_collections.ConfigDict:
@@ -44,16 +45,13 @@ def load_run_config(workdir: str, overrides: dict[str, str]) -> ml_collections.C
     overrides still apply.
     """
     path = _path(workdir, "config.json")
-    if not path.exists():
+    if not io.exists(path):
         raise UserError(f"{path} not found: --workdir must be a jaxlm run directory (one `jaxlm train` wrote)")
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: unreadable ({e}); point --workdir at an intact run") from None
-    if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
-        raise UserError(f"{path}: not a jaxlm run config (no model section)")
+    saved = io.read_json(path)
+    if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict) or "task" not in saved:
+        raise UserError(f"{path}: not a jaxlm run config (no task or model section)")
     config = config_lib.base_config()
-    _merge(config, saved)
+    config_lib.merge_saved(config, saved)
     config.mesh = config_lib.base_config().mesh
     config_lib.apply_overrides(config, overrides)
     return config
@@ -66,19 +64,6 @@ def inference_mesh(config: ml_collections.ConfigDict, overrides: dict[str, str])
     return sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1])
 
 
-def _merge(config: ml_collections.ConfigDict, saved: dict) -> None:
-    """Copies the saved values onto the base config; fields this version lacks are skipped."""
-    for key, value in saved.items():
-        if key not in config:
-            continue
-        if isinstance(config[key], ml_collections.ConfigDict):
-            if isinstance(value, dict):
-                _merge(config[key], value)
-            continue
-        with config.ignore_type():
-            config[key] = value
-
-
 @dataclasses.dataclass(frozen=True)
 class CheckpointSource:
     step: int
@@ -88,10 +73,8 @@ class CheckpointSource:
 
 def checkpoint_steps(workdir: str) -> list[int]:
     """Steps with a complete checkpoint (orbax renames a finished save to its step number)."""
-    directory = epath.Path(checkpoint_dir(workdir))
-    if not directory.exists():
-        return []
-    return sorted(int(d.name) for d in directory.iterdir() if d.name.isdigit() and (d / "state").exists())
+    directory = io.path(checkpoint_dir(workdir))
+    return sorted(int(name) for name in io.list_dir(directory) if name.isdigit() and io.exists(directory / name / "state"))
 
 
 def find_checkpoint(workdir: str, step: Optional[int] = None, best: bool = False) -> CheckpointSource:
@@ -100,12 +83,12 @@ def find_checkpoint(workdir: str, step: Optional[int] = None, best: bool = False
         if step is not None:
             raise UserError("--step and --best name different checkpoints: give one of them")
         record_path = _path(workdir, BEST_JSON)
-        if not record_path.exists():
+        if not io.exists(record_path):
             raise UserError(f"{record_path} not found: the run kept no best checkpoint (set best_metric "
                             "when training), so use --step=N or the latest")
-        record = json.loads(record_path.read_text())
+        record = io.read_json(record_path)
         path = _path(workdir, BEST_DIRNAME, str(record["step"]), "params")
-        if not path.exists():
+        if not io.exists(path):
             raise UserError(f"{path} is missing although {record_path} names step {record['step']}; "
                             "use --step=N instead")
         return CheckpointSource(int(record["step"]), path, "params")
@@ -118,7 +101,7 @@ def find_checkpoint(workdir: str, step: Optional[int] = None, best: bool = False
     elif step not in steps:
         raise UserError(f"--step={step}: no such checkpoint in {checkpoint_dir(workdir)}; "
                         f"it has step{'s' if len(steps) > 1 else ''} {', '.join(map(str, steps))}")
-    return CheckpointSource(step, epath.Path(checkpoint_dir(workdir)) / str(step) / "state", "state")
+    return CheckpointSource(step, io.path(checkpoint_dir(workdir)) / str(step) / "state", "state")
 
 
 def restore_params(source: CheckpointSource, abstract_params: Any, shardings: Any) -> Any:

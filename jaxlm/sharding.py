@@ -167,15 +167,3 @@ def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Per-host numpy rows -> global jax.Arrays sharded over the batch axes."""
     return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
             for k, v in batch.items()}
-
-
-def mesh_context(mesh: Mesh):
-    """The context that makes `mesh` current while tracing (activation constraints need it).
-
-    jax >= 0.7 has jax.set_mesh; older releases used the Mesh itself as the context.
-    """
-    if hasattr(jax, "set_mesh"):
-        return jax.set_mesh(mesh)
-    if hasattr(jax.sharding, "use_mesh"):
-        return jax.sharding.use_mesh(mesh)
-    return mesh

@@ -1,16 +1,17 @@
 """Metric writers (clu): console + TensorBoard + DIR/metrics.jsonl (+ Weights & Biases).
 
-Only process 0 writes files; the other hosts log to their console only.
+Only process 0 writes files; the other hosts log to their console only. metrics.jsonl goes
+through jaxlm.io (local disk or an object store).
 """
 
-import json
 import math
-import os
 from typing import Any, Mapping, Optional
 
 import numpy as np
 from absl import logging
 from clu import metric_writers
+
+from jaxlm import io
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -59,20 +60,17 @@ class ScalarsOnlyWriter(metric_writers.MetricWriter):
 class JsonlWriter(ScalarsOnlyWriter):
     """Appends one JSON object per write_scalars call: {"step": N, "train/loss": …}."""
 
-    def __init__(self, path: str):
-        self._path = path
-        self._file = open(path, "a", encoding="utf-8")
+    def __init__(self, path: io.PathLike):
+        self._appender = io.JsonlAppender(path)
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]):
-        record = {"step": int(step), **{k: _plain(v) for k, v in sorted(scalars.items())}}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        self._appender.append({"step": int(step), **{k: _plain(v) for k, v in sorted(scalars.items())}})
 
     def flush(self):
-        self._file.flush()
+        self._appender.flush()
 
     def close(self):
-        self._file.close()
+        self._appender.close()
 
 
 class WandbWriter(ScalarsOnlyWriter):
@@ -98,34 +96,22 @@ class WandbWriter(ScalarsOnlyWriter):
 
 
 def truncate_metrics(workdir: str, last_step: int) -> None:
-    """Drops records after `last_step` (a resumed run logs those steps again), atomically."""
-    path = os.path.join(workdir, METRICS_FILE)
-    if not os.path.exists(path):
-        return
-    kept = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                if json.loads(line)["step"] <= last_step:
-                    kept.append(line)
-            except (ValueError, KeyError):
-                continue  # A line cut short by a kill: the resumed run rewrites it.
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    """Drops records after `last_step` (a resumed run logs those steps again), atomically; a line
+    cut short by a kill goes too (the resumed run writes that step again)."""
+    io.truncate_jsonl(io.path(workdir) / METRICS_FILE,
+                      lambda record: isinstance(record.get("step"), (int, float)) and record["step"] <= last_step)
 
 
 def create_writer(workdir: str, is_primary: bool, wandb_config: Optional[Any] = None,
                   run_config: Optional[dict] = None) -> metric_writers.MetricWriter:
     if not is_primary:
         return metric_writers.LoggingWriter()
-    writers = [metric_writers.LoggingWriter(), JsonlWriter(os.path.join(workdir, METRICS_FILE))]
+    writers = [metric_writers.LoggingWriter(), JsonlWriter(io.path(workdir) / METRICS_FILE)]
     try:
         writers.append(metric_writers.SummaryWriter(workdir))
     except Exception as e:  # pylint: disable=broad-except
         logging.warning("TensorBoard writer unavailable (%s); metrics go to metrics.jsonl only", e)
     if wandb_config is not None and wandb_config.enabled:
-        name = wandb_config.name or os.path.basename(os.path.normpath(workdir))
+        name = wandb_config.name or io.path(workdir).name
         writers.append(WandbWriter(wandb_config.project, wandb_config.entity, name, run_config or {}))
     return metric_writers.MultiWriter(writers)

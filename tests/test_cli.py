@@ -10,6 +10,7 @@ import pytest
 
 from cli_runner import REPO, run_cli
 from jaxlm import cli
+from jaxlm import config as config_lib
 
 CONFIG = os.path.join(REPO, "configs", "tiny_shakespeare.py")
 
@@ -138,3 +139,32 @@ def test_help_lists_commands_and_config_fields():
     assert "mesh.fsdp" in proc.stdout and "global_batch_size" in proc.stdout
     proc = run_cli(["train", "--help"])
     assert "--config.FIELD=VALUE" in proc.stdout
+
+
+def test_help_config_lists_the_recipes_values(capsys):
+    spec = f"{os.path.join(REPO, 'configs', 'csv_classification.py')}:runlocal"
+    recipe_steps = config_lib.load_config(spec).steps
+    assert recipe_steps != config_lib.base_config().steps
+    code = cli.main(["train", f"--config={spec}", "--help_config", "--config.seed=7"])
+    assert code == 0
+    fields = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert fields["task"] == "'classification'" and fields["steps"] == str(recipe_steps) and fields["seed"] == "7"
+    cli.main(["train", "--help_config"])  # Without --config: the base defaults.
+    fields = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert fields["task"] == "'causal_lm'" and fields["steps"] == "1000"
+
+
+@pytest.mark.parametrize("command, shown", [
+    ("generate", ["tokens to generate per prompt at most (default: 128)", "(default: 0.0)", "(default: 1.0)",
+                  "sequences per prompt (default: 1)"]),
+    ("predict", ["rows per forward pass (default: 64)"]),
+    ("train", ["(default: 300)"]),
+])
+def test_command_help_shows_defaults(capsys, command, shown):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines.
+    for needle in shown:
+        assert needle in text, (needle, text)
+    assert "(default: None)" not in text and "(default: False)" not in text

@@ -15,7 +15,7 @@ import pytest
 from cli_runner import REPO, cli_env, read_metrics
 from jaxlm import cli, restore, sharding
 from jaxlm.checkpoint import Checkpointer
-from jaxlm.train import Trainer
+from jaxlm.trainer import Trainer
 
 CONFIG = "configs/tiny_shakespeare.py:runlocal"
 MESHES = {
@@ -84,7 +84,7 @@ def test_params_restore_into_another_sharding(mesh_runs, eight_devices):
     workdir = mesh_runs["fsdp8"]
     config = restore.load_run_config(workdir, {"mesh.data": "4", "mesh.tensor": "2"})
     trainer = Trainer(config, sharding.make_mesh(config.mesh))
-    params = restore.restore_params(restore.find_checkpoint(workdir), trainer.abstract_state.params,
+    params = restore.restore_params(restore.find_checkpoint(workdir), trainer.abstract_params,
                                     trainer.param_shardings)
     jax.tree.map(lambda a, s: (a.sharding == s) or pytest.fail(f"{a.sharding} != {s}"), params, trainer.param_shardings)
     checkpointer = Checkpointer(workdir, with_data=False)

@@ -1,9 +1,11 @@
 """KV-cache generation: greedy decoding equals greedy decoding by full forward passes, token for
 token, for a left-padded batch of prompts of different lengths; sampling filters; EOS; one
-compile per shape; the `jaxlm generate` command and its user errors."""
+compile per shape; no warning when the cache grows; streamed text in prompt order; the
+`jaxlm generate` command and its user errors."""
 
 import json
 import os
+import warnings
 
 import flax.linen as nn
 import jax
@@ -13,7 +15,8 @@ import pytest
 
 from conftest import tiny_config, tiny_llama_config
 from jaxlm import cli
-from jaxlm.generate import Generator, Sampling, left_pad, next_token, read_prompts
+from jaxlm.data.tokenizer import load_tokenizer
+from jaxlm.generate import CACHE_GROWTH, Generator, Sampling, TextStream, left_pad, next_token, read_prompts
 from jaxlm.errors import UserError
 from jaxlm.models import Model
 
@@ -103,6 +106,17 @@ def test_generation_stops_at_eos(gpt2_generator):
     assert len(seen) == free.index(eos) + 1, "decoding goes on no further than the EOS token"
 
 
+def test_growing_the_cache_warns_nothing(gpt2_generator):
+    """A batch of 4 (a shape no other test compiles, so everything lowers here) past two cache
+    growths: no warning (jax warns when a donated buffer cannot be reused, e.g. by a grown cache)."""
+    prompts = PROMPTS + [[5, 6]]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = gpt2_generator.generate(prompts, 2 * CACHE_GROWTH + 8)
+    assert [str(w.message).splitlines()[0] for w in caught] == []
+    assert rows[:3] == gpt2_generator.generate(PROMPTS, 2 * CACHE_GROWTH + 8), "the extra row changes no other row"
+
+
 def test_sampling_filters():
     logits = jnp.asarray(np.random.default_rng(0).normal(0, 3, (4, 96)), jnp.float32)
     greedy = next_token(logits, jax.random.key(0), Sampling(), VALID_VOCAB)
@@ -166,8 +180,42 @@ def test_generate_command_greedy_and_sampled(capsys, run_dir):
                               "--step=1")
     assert code == 0, err
     lines = [line for line in out.splitlines() if line.startswith("[")]
-    assert sorted(line.split("]")[0] for line in lines) == ["[0", "[1", "[2", "[3"], out
+    assert [line.split("]")[0] for line in lines] == ["[0", "[1", "[2", "[3"], out  # in prompt order
     assert {line.split("] ")[1][:5] for line in lines} == {"KING:", "First"}
+
+
+def test_text_stream_prints_sequences_in_order(run_dir):
+    """Rows finish out of order (2, then 0, then 1 at the token limit): the blocks come in index
+    order, the first streams token by token, and the others are written whole once it ends."""
+    tokenizer = load_tokenizer("bpe", run_dir)
+    eos = tokenizer.eos_token_id
+    words = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in (" fair", " Verona", " lies")]
+    steps = [  # one column per row; eos ends a row, and what follows it is ignored
+        [words[0][0], words[1][0], words[2][0]],
+        [words[1][0], words[0][0], eos],
+        [eos, words[2][0], words[0][0]],
+        [words[0][0], words[1][0], words[1][0]],
+    ]
+    writes: list[str] = []
+    stream = TextStream(tokenizer, ["A:", "B:", "C:"], eos, writes.append)
+    seen = []
+    for step in steps:
+        stream(np.asarray(step), np.zeros(3, bool))
+        seen.append("".join(writes))
+    stream.close()
+    fair, verona, lies = (tokenizer.decode(w[:1]) for w in words)
+    assert seen == [f"[0] A:{fair}", f"[0] A:{fair}{verona}", f"[0] A:{fair}{verona}\n[1] B:{verona}{fair}{lies}",
+                    f"[0] A:{fair}{verona}\n[1] B:{verona}{fair}{lies}{verona}"]
+    assert "".join(writes) == (f"[0] A:{fair}{verona}\n[1] B:{verona}{fair}{lies}{verona}\n"
+                               f"[2] C:{lies}\n")
+
+    writes.clear()  # One sequence: streamed token by token, without a label.
+    stream = TextStream(tokenizer, ["ROMEO:"], eos, writes.append)
+    for token in words[0] + words[1]:
+        stream(np.asarray([token]), np.zeros(1, bool))
+    stream(np.asarray([eos]), np.zeros(1, bool))
+    stream.close()
+    assert writes == ["ROMEO:"] + [tokenizer.decode([t]) for t in words[0] + words[1]] + ["\n"]
 
 
 @pytest.mark.parametrize("args,needle", [

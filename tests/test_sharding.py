@@ -12,9 +12,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxlm import config as config_lib
+from jaxlm import config_checks
 from jaxlm import sharding
 from jaxlm.errors import UserError
-from jaxlm.train import Trainer
+from jaxlm.trainer import Trainer
 
 
 def mesh_cfg(data, fsdp, tensor, **extra) -> ml_collections.ConfigDict:
@@ -159,7 +160,7 @@ def tiny_train_config(data, fsdp, tensor):
     c.model.update(vocab_size=64, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, d_ff=64, max_len=16)
     c.seq_len, c.global_batch_size, c.steps = 16, 8, 10
     c.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
-    config_lib.validate(c)
+    config_checks.validate(c)
     return c
 
 
@@ -168,7 +169,7 @@ def trained(request, eight_devices):
     config = tiny_train_config(*request.param)
     mesh = sharding.make_mesh(config.mesh)
     trainer = Trainer(config, mesh)
-    boxed = jax.eval_shape(trainer._init_params, jax.random.key(0))  # pylint: disable=protected-access
+    boxed = jax.eval_shape(trainer.init_params, jax.random.key(0))
     # The rbg PRNG compiles several times faster than threefry on CPU; the layout under test comes
     # from init_state's out_shardings, not from the random bits.
     with jax.default_prng_impl("rbg"):

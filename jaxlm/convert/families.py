@@ -317,47 +317,32 @@ def _mha(cfg):  # plain multi-head attention with d_model = heads * head_dim
     return cfg.kv_heads == cfg.num_heads and cfg.dim_per_head * cfg.num_heads == cfg.d_model
 
 
-REQUIREMENTS: dict[str, list[tuple[str, Callable[[ModelConfig], bool], str]]] = {
-    "gpt2": [
-        ("norm", lambda c: c.norm == "layernorm", "'layernorm'"),
-        ("norm_position", lambda c: c.norm_position == "pre", "'pre'"),
-        ("positions", lambda c: c.positions == "learned", "'learned'"),
-        ("activation", lambda c: c.activation in EXPORT_ACTIVATIONS, "gelu|gelu_tanh|relu|silu"),
-        ("use_bias", lambda c: c.use_bias, "True"),
-        ("causal", lambda c: c.causal, "True"),
-        ("type_vocab_size", lambda c: c.type_vocab_size == 0, "0"),
-        ("embed_norm", lambda c: not c.embed_norm, "False"),
-        ("num_kv_heads/head_dim", _mha, "MHA with head_dim = d_model/num_heads"),
-    ],
-    "llama": [
-        ("norm", lambda c: c.norm == "rmsnorm", "'rmsnorm'"),
-        ("norm_position", lambda c: c.norm_position == "pre", "'pre'"),
-        ("positions", lambda c: c.positions == "rope", "'rope'"),
-        ("activation", lambda c: c.activation in EXPORT_GATED, "swiglu|geglu"),
-        ("causal", lambda c: c.causal, "True"),
-        ("type_vocab_size", lambda c: c.type_vocab_size == 0, "0"),
-        ("embed_norm", lambda c: not c.embed_norm, "False"),
-    ],
-    "bert": [
-        ("norm", lambda c: c.norm == "layernorm", "'layernorm'"),
-        ("norm_position", lambda c: c.norm_position == "post", "'post'"),
-        ("positions", lambda c: c.positions == "learned", "'learned'"),
-        ("activation", lambda c: c.activation in EXPORT_ACTIVATIONS, "gelu|gelu_tanh|relu|silu"),
-        ("use_bias", lambda c: c.use_bias, "True"),
-        ("causal", lambda c: not c.causal, "False"),
-        ("embed_norm", lambda c: c.embed_norm, "True"),
-        ("num_kv_heads/head_dim", _mha, "MHA with head_dim = d_model/num_heads"),
-    ],
+# family -> {field: the value it needs, or the values it accepts}. "mha": multi-head attention
+# with head_dim = d_model / num_heads (GPT-2 and BERT have no GQA and no free head_dim).
+_SHARED = {"norm_position": "pre", "type_vocab_size": 0, "embed_norm": False, "causal": True}
+REQUIREMENTS: dict[str, dict[str, Any]] = {
+    "gpt2": {**_SHARED, "norm": "layernorm", "positions": "learned", "activation": tuple(EXPORT_ACTIVATIONS),
+             "use_bias": True, "mha": True},
+    "llama": {**_SHARED, "norm": "rmsnorm", "positions": "rope", "activation": tuple(EXPORT_GATED)},
+    "bert": {"norm": "layernorm", "norm_position": "post", "positions": "learned",
+             "activation": tuple(EXPORT_ACTIVATIONS), "use_bias": True, "causal": False, "embed_norm": True,
+             "mha": True},
 }
 
 
 def mismatches(cfg: ModelConfig, family: str) -> list[str]:
     """The fields of `cfg` that keep it out of `family`, as 'field=value (needs X)'."""
     out = []
-    for field, ok, need in REQUIREMENTS[family]:
-        if not ok(cfg):
-            have = (f"{cfg.num_kv_heads}/{cfg.head_dim}" if "/" in field else repr(getattr(cfg, field)))
-            out.append(f"{field}={have} (needs {need})")
+    for field, need in REQUIREMENTS[family].items():
+        if field == "mha":
+            if not _mha(cfg):
+                out.append(f"num_kv_heads/head_dim={cfg.num_kv_heads}/{cfg.head_dim} "
+                           "(needs MHA with head_dim = d_model/num_heads)")
+            continue
+        have = getattr(cfg, field)
+        accepted = need if isinstance(need, tuple) else (need,)
+        if have not in accepted:
+            out.append(f"{field}={have!r} (needs {'|'.join(accepted) if isinstance(need, tuple) else repr(need)})")
     return out
 
 

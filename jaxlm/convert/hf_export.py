@@ -6,12 +6,15 @@ The family (GPT-2, Llama, BERT) follows from the ModelConfig (`match_family`); t
 from the params' head: lm_head or a tied decoder -> GPT2LMHeadModel / LlamaForCausalLM;
 mlm_head -> BertForMaskedLM; cls_head (with the tanh pooler, 'cls' pooling) ->
 BertForSequenceClassification; a body (plus cls_head/pooler alone) -> BertModel (with pooler).
-A padded vocabulary is written as is (vocab_size = the padded size). Output is deterministic:
-float32 tensors, sorted JSON.
+A padded vocabulary is written as is (vocab_size = the padded size); a causal LM exported with
+its tokenizer gets a generation_config.json that never picks the padding ids (suppress_tokens),
+as `jaxlm generate` never does. The tokenizer is written as `export_tokenizer` frames it. Output
+is deterministic: float32 tensors, sorted JSON; every file's mode follows the umask.
 """
 
 import json
 import os
+import stat
 from typing import Any, Optional
 
 import numpy as np
@@ -19,9 +22,12 @@ from flax import linen as nn
 from safetensors.numpy import save_file
 
 from jaxlm.convert import families as fam
+from jaxlm.convert.hf_tokenizer import export_tokenizer
 from jaxlm.convert.hf_import import CONFIG, INDEX, TOP_LEVEL, WEIGHTS
 from jaxlm.errors import UserError
 from jaxlm.models.config import ModelConfig
+
+GENERATION_CONFIG = "generation_config.json"
 
 
 def match_family(cfg: ModelConfig) -> str:
@@ -143,11 +149,18 @@ def export_hf(cfg: ModelConfig, params: dict, out_dir: str, family: Optional[str
         hf_config["label2id"] = {f"LABEL_{i}": i for i in range(labels)}
     hf_config["architectures"] = [arch]
     hf_config["dtype"] = "float32"
+    generation = None
     if tokenizer is not None:
+        tokenizer = export_tokenizer(tokenizer, cfg.max_len, causal=head == "lm")
+        special_ids = {}
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(tokenizer, key, None)
             if value is not None:
-                hf_config[key] = int(value)
+                special_ids[key] = hf_config[key] = int(value)
+        if head == "lm":
+            generation = dict(special_ids)
+            if len(tokenizer) < cfg.vocab_size:  # vocab padding: no token, so never generated
+                generation["suppress_tokens"] = list(range(len(tokenizer), cfg.vocab_size))
     elif family == "bert":
         hf_config["pad_token_id"] = 0
 
@@ -155,9 +168,15 @@ def export_hf(cfg: ModelConfig, params: dict, out_dir: str, family: Optional[str
     stale = os.path.join(out_dir, INDEX)
     if os.path.exists(stale):  # a sharded save from before would shadow nothing, but confuse readers
         raise UserError(f"{stale} exists: export into an empty directory (or remove the old shards)")
-    with open(os.path.join(out_dir, CONFIG), "w", encoding="utf-8") as f:
+    config_path, weights_path = os.path.join(out_dir, CONFIG), os.path.join(out_dir, WEIGHTS)
+    with open(config_path, "w", encoding="utf-8") as f:
         f.write(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-    save_file(dict(sorted(tensors.items())), os.path.join(out_dir, WEIGHTS), metadata={"format": "pt"})
+    if generation is not None:
+        with open(os.path.join(out_dir, GENERATION_CONFIG), "w", encoding="utf-8") as f:
+            f.write(json.dumps(generation, indent=2, sort_keys=True) + "\n")
+    save_file(dict(sorted(tensors.items())), weights_path, metadata={"format": "pt"})
+    # safetensors writes a private (0600) file; give it the mode open() gave config.json (the umask's).
+    os.chmod(weights_path, stat.S_IMODE(os.stat(config_path).st_mode))
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return out_dir

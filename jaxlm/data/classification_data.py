@@ -47,6 +47,7 @@ class LabeledSplit:
 class LabeledCorpus:
     dataset_id: str  # Stable name of the prepared data, usable as a relative path.
     label_names: tuple[str, ...]
+    label_kind: str  # integer (the data's labels are class indices) or name.
     train: LabeledSplit
     eval: LabeledSplit
     has_pairs: bool
@@ -69,6 +70,7 @@ class ClassificationData:
     vocab_size: int
     pad_id: int
     label_names: tuple[str, ...]
+    label_kind: str  # integer or name: how files' labels map to classes (labels.LabelVocab.index).
     positive_index: int  # The positive class of binary precision/recall/F1.
     class_weights: np.ndarray  # [C] float32, applied to the loss.
     class_counts: dict  # split -> examples per class.
@@ -113,6 +115,7 @@ def files_corpus(data_config, data_dir: str) -> LabeledCorpus:
     split = lambda name: _read_split(prepared.builder.as_data_source(name), name, keys,  # noqa: E731
                                      len(config.label_names), where)
     return LabeledCorpus(dataset_id=where, label_names=tuple(config.label_names),
+                         label_kind="integer" if config.integer_labels else "name",
                          train=split(labeled_builder.TRAIN_SPLIT), eval=split(labeled_builder.EVAL_SPLIT),
                          has_pairs=bool(config.text_pair_column))
 
@@ -129,6 +132,8 @@ def tfds_corpus(data_config, data_dir: str) -> LabeledCorpus:
             raise UserError(f"data.{field}={key!r} is not a feature of {name} (it has {', '.join(features)}); "
                             f"set it to one of them")
         keys.append(key)
+    if labels.kind_option(data_config.get("label_kind", "")) == "name":
+        raise UserError(f"data.label_kind=name: the labels of {name} are class indices; leave data.label_kind=''")
     label_feature = features[keys[2]]
     names = labels.names_option(data_config.get("label_names", ()))
     if isinstance(label_feature, tfds.features.ClassLabel):
@@ -145,7 +150,7 @@ def tfds_corpus(data_config, data_dir: str) -> LabeledCorpus:
     splits = {field: _read_split(source, split, tuple(keys), len(names), f"data.tfds_name={name}")
               for field, (split, source) in sources.split_sources(builder, data_config, data_dir).items()}
     dataset_id = sources.tfds_dataset_id(builder)
-    return LabeledCorpus(dataset_id=dataset_id, label_names=names, train=splits["train_split"],
+    return LabeledCorpus(dataset_id=dataset_id, label_names=names, label_kind="integer", train=splits["train_split"],
                          eval=splits["eval_split"], has_pairs=bool(keys[1]))
 
 
@@ -260,7 +265,7 @@ def build_eval_only_data(config, workdir: str, process_index: int = 0, process_c
     """
     data_config = config.data
     names = labels.names_option(data_config.label_names)
-    examples = labeled_builder.read_eval_files(data_config, names)
+    examples, vocab = labeled_builder.read_eval_files(data_config, names, data_config.get("label_kind", ""))
     split = LabeledSplit("eval", [e.text for e in examples], [e.text_pair for e in examples],
                          np.asarray([e.label for e in examples], np.int32))
     num_labels = len(names)
@@ -276,7 +281,8 @@ def build_eval_only_data(config, workdir: str, process_index: int = 0, process_c
                  num_labels, ", ".join(names))
     _, rows = example_loader.host_rows(config.global_batch_size, process_index, process_count)
     return ClassificationData(
-        tokenizer=tokenizer, vocab_size=len(tokenizer), pad_id=pad, label_names=names, positive_index=positive,
+        tokenizer=tokenizer, vocab_size=len(tokenizer), pad_id=pad, label_names=names,
+        label_kind="integer" if vocab.integer else "name", positive_index=positive,
         class_weights=weights_by_class, class_counts={"eval": np.bincount(split.labels, minlength=num_labels).tolist()},
         train_iter=None, eval_batches=_eval_batches(evaluation, weights_by_class, buckets, config, process_index,
                                                     process_count),
@@ -288,8 +294,8 @@ def build_classification_data(config, workdir: str, process_index: int = 0,
                               process_count: int = 1) -> ClassificationData:
     """Prepares (or reuses) the dataset and tokenized rows, and returns the loaders.
 
-    Resolves config.data.num_labels and config.data.label_names from the data (so config.json
-    records the label vocabulary).
+    The config is not changed: ClassificationTask.resolve records the label vocabulary from
+    the returned data.
     """
     data_config = config.data
     max_len = config.seq_len
@@ -307,10 +313,6 @@ def build_classification_data(config, workdir: str, process_index: int = 0,
     weights_by_class = class_weights(config.classification.get("class_weights", ""),
                                      np.asarray(counts["train"], np.float64))
     positive = labels.positive_index(corpus.label_names, config.classification.get("positive_label", ""))
-    with data_config.ignore_type():
-        data_config.num_labels = num_labels
-        data_config.label_names = list(corpus.label_names)
-
     tokenizer = run_tokenizer(data_config, corpus.train.texts + [p for p in corpus.train.pairs if p], workdir)
     pad = tokenizer_lib.pad_id(tokenizer)
     encode = functools.partial(cached_encode, tokenizer, max_len=max_len, pad_id=pad, with_pairs=corpus.has_pairs,
@@ -336,6 +338,7 @@ def build_classification_data(config, workdir: str, process_index: int = 0,
     _, rows = example_loader.host_rows(config.global_batch_size, process_index, process_count)
     return ClassificationData(
         tokenizer=tokenizer, vocab_size=len(tokenizer), pad_id=pad, label_names=corpus.label_names,
-        positive_index=positive, class_weights=weights_by_class, class_counts=counts, train_iter=train_iter,
-        eval_batches=eval_batches, num_eval_batches=example_loader.num_eval_batches(n_eval, config.global_batch_size),
+        label_kind=corpus.label_kind, positive_index=positive, class_weights=weights_by_class, class_counts=counts,
+        train_iter=train_iter, eval_batches=eval_batches,
+        num_eval_batches=example_loader.num_eval_batches(n_eval, config.global_batch_size),
         num_train_examples=len(train), num_eval_examples=n_eval, bucket_lengths=buckets, host_batch_size=rows)

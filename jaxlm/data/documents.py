@@ -121,6 +121,36 @@ class SplitCounts:
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
 
+    def add(self, outcome: str, text: str) -> None:
+        """Counts one document read, with its outcome (KEPT, EMPTY, DUPLICATE or IN_TRAIN)."""
+        self.documents_read += 1
+        if outcome == KEPT:
+            self.kept += 1
+            self.bytes += len(text.encode("utf-8"))
+        else:
+            setattr(self, outcome, getattr(self, outcome) + 1)
+
+
+# What cleaning does with a document (the names of the SplitCounts fields they count in).
+KEPT, EMPTY, DUPLICATE, IN_TRAIN = "kept", "empty_dropped", "duplicates_dropped", "in_train_dropped"
+
+
+def outcome(text: str, kept_earlier: bool, in_train: bool) -> str:
+    """The cleaning rule, for a cleaned document (clean_document) of a split.
+
+    kept_earlier: the same text was kept earlier in the split (documents in file order; only a
+    kept one counts, so repeats of a validation document found in train all count as in train).
+    in_train: the text is among the kept train documents (asked for validation only).
+    Both preparations apply it: in order here (clean_documents), per text on Beam.
+    """
+    if not text:
+        return EMPTY
+    if kept_earlier:
+        return DUPLICATE
+    if in_train:
+        return IN_TRAIN
+    return KEPT
+
 
 def count_raw_documents(files: Sequence[str], doc_split: str, field: str) -> int:
     return sum(1 for path in files for _ in raw_documents(path, doc_split, field))
@@ -133,12 +163,14 @@ def clean_documents(
     *,
     excluded: set[bytes] | frozenset[bytes] = frozenset(),
     seen: set[bytes] | None = None,
+    progress=None,
 ) -> Iterator[str]:
     """Yields the plan's kept documents in order, updating `counts` as it goes.
 
     A document is dropped when empty after cleaning, when already yielded (exact duplicate), or
-    when its digest is in `excluded` (used to keep train text out of validation). `seen`
-    receives the digests of the kept documents.
+    when its digest is in `excluded` (used to keep train text out of validation): `outcome`.
+    `seen` receives the digests of the kept documents. `progress` (a builders.Progress) is told
+    of every raw document and finished file.
     """
     seen = set() if seen is None else seen
     index = 0
@@ -146,21 +178,16 @@ def clean_documents(
         for raw in raw_documents(path, doc_split, plan.field):
             in_plan = index >= plan.start and (plan.stop is None or index < plan.stop)
             index += 1
+            if progress is not None:
+                progress.advance(1, len(raw.encode("utf-8")))
             if not in_plan:
                 continue
-            counts.documents_read += 1
             text = clean_document(raw)
-            if not text:
-                counts.empty_dropped += 1
-                continue
-            digest = document_digest(text)
-            if digest in seen:
-                counts.duplicates_dropped += 1
-                continue
-            if digest in excluded:
-                counts.in_train_dropped += 1
-                continue
-            seen.add(digest)
-            counts.kept += 1
-            counts.bytes += len(text.encode("utf-8"))
-            yield text
+            digest = document_digest(text) if text else b""
+            result = outcome(text, digest in seen, digest in excluded)
+            counts.add(result, text)
+            if result == KEPT:
+                seen.add(digest)
+                yield text
+        if progress is not None:
+            progress.file_done(path)

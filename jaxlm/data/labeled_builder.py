@@ -12,17 +12,13 @@ ones reuse it.
 """
 
 import dataclasses
-import hashlib
-import json
-import re
 from collections.abc import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
-from etils import epath
 
-from jaxlm.data import documents, labels, table_files
+from jaxlm.data import builders, documents, labels, table_files
 from jaxlm.errors import UserError
 
 TEXT = "text"
@@ -78,20 +74,20 @@ def _raw_rows(files, fmt_option: str, columns: dict[str, str]) -> Iterator[tuple
             yield path, row
 
 
-def _examples(files, config, vocab: labels.LabelVocab, source: str = "data.train_file") -> Iterator[_Example]:
+def _raw_label(path: str, row: table_files.Row, config) -> tuple[labels.RawLabel, str]:
+    where = row.where(path)
+    return labels.parse_label(row.values[config.label_column], where), where
+
+
+def _example(path: str, row: table_files.Row, config, vocab: labels.LabelVocab, source: str) -> _Example:
+    label = vocab.index(*_raw_label(path, row, config), source)
+    pair = _text(row, config.text_pair_column, path) if config.text_pair_column else ""
+    return _Example(_text(row, config.text_column, path), pair, label)
+
+
+def _examples(files, config, vocab: labels.LabelVocab, source: str = labels.TRAIN_SOURCE) -> Iterator[_Example]:
     for path, row in _raw_rows(files, config.file_format, _columns(config)):
-        where = row.where(path)
-        label = vocab.index(labels.parse_label(row.values[config.label_column], where), where, source)
-        pair = _text(row, config.text_pair_column, path) if config.text_pair_column else ""
-        yield _Example(_text(row, config.text_column, path), pair, label)
-
-
-def _file_sha256(path: str) -> bytes:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.digest()
+        yield _example(path, row, config, vocab, source)
 
 
 def _content_hash(config: LabeledFilesConfig) -> str:
@@ -102,10 +98,7 @@ def _content_hash(config: LabeledFilesConfig) -> str:
     options["num_files"] = [len(config.train_files), len(config.eval_files)]
     if config.eval_files:
         options["eval_fraction"] = None
-    digest = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode())
-    for path in config.train_files + config.eval_files:
-        digest.update(_file_sha256(path))
-    return digest.hexdigest()
+    return builders.content_hash(options, config.train_files + config.eval_files)
 
 
 def make_labeled_files_config(data_config) -> LabeledFilesConfig:
@@ -130,14 +123,14 @@ def make_labeled_files_config(data_config) -> LabeledFilesConfig:
     # Pass 1 over the train rows: texts are checked and the label vocabulary is built.
     raw, num_rows = [], 0
     for path, row in _raw_rows(train_files, config.file_format, _columns(config)):
-        where = row.where(path)
         _text(row, text_column, path)
         if config.text_pair_column:
             _text(row, config.text_pair_column, path)
-        raw.append((labels.parse_label(row.values[label_column], where), where))
+        raw.append(_raw_label(path, row, config))
         num_rows += 1
     vocab = labels.build_vocab(raw, names=labels.names_option(data_config.get("label_names", ())),
-                               num_labels=int(data_config.get("num_labels", 0) or 0))
+                               num_labels=int(data_config.get("num_labels", 0) or 0),
+                               kind=data_config.get("label_kind", ""))
     config = dataclasses.replace(config, label_names=vocab.names, integer_labels=vocab.integer,
                                  num_train_rows=num_rows)
     if eval_files:
@@ -146,28 +139,33 @@ def make_labeled_files_config(data_config) -> LabeledFilesConfig:
     elif max(1, round(num_rows * eval_fraction)) >= num_rows:
         raise UserError(f"data.train_file has {num_rows} row(s): too few to hold some out for validation; "
                         "add rows or set data.eval_file")
-    stem = epath.Path(train_files[0]).stem.lower()
-    readable = re.sub(r"[^a-z0-9]+", "_", stem).strip("_")[:40] or "labeled"
     return dataclasses.replace(
-        config, name=f"{readable}_{_content_hash(config)[:16]}",
+        config, name=builders.config_name(train_files[0], _content_hash(config), "labeled"),
         description=f"{len(train_files)} train, {len(eval_files)} eval file(s); {len(vocab)} classes")
 
 
-def read_eval_files(data_config, label_names: tuple[str, ...]) -> list[_Example]:
+def read_eval_files(data_config, label_names: tuple[str, ...],
+                    label_kind: str) -> tuple[list[_Example], labels.LabelVocab]:
     """data.eval_file's rows with labels mapped onto a finished run's classes, read directly.
 
     For evaluating a run: neither its train files nor a tfds preparation are needed, and the
     columns may be named differently from training's (data.text_column, data.label_column).
+    Labels map as in training (labels.run_vocab): integers are class indices of an integer run,
+    names are looked up in label_names.
     """
-    eval_files = documents.resolve_files((data_config.get("eval_file", "") or "").strip(), "data.eval_file")
-    integer = tuple(label_names) == tuple(str(i) for i in range(len(label_names)))
+    spec = (data_config.get("eval_file", "") or "").strip()
+    eval_files = documents.resolve_files(spec, "data.eval_file")
     config = LabeledFilesConfig(
         name="eval_only", eval_files=eval_files, file_format=data_config.get("file_format", "auto") or "auto",
         text_column=(data_config.get("text_column", "text") or "").strip(),
         text_pair_column=(data_config.get("text_pair_column", "") or "").strip(),
-        label_column=(data_config.get("label_column", "label") or "").strip(),
-        label_names=tuple(label_names), integer_labels=integer)
-    return list(_examples(eval_files, config, vocab_of(config), "the run's labels (data.label_names in config.json)"))
+        label_column=(data_config.get("label_column", "label") or "").strip(), label_names=tuple(label_names))
+    rows = list(_raw_rows(eval_files, config.file_format, _columns(config)))
+    if not rows:
+        raise UserError(f"data.eval_file={spec}: no rows to evaluate")
+    vocab = labels.run_vocab(label_names, label_kind, (_raw_label(path, row, config) for path, row in rows))
+    source = "the run's labels (data.label_names in config.json)"
+    return [_example(path, row, config, vocab, source) for path, row in rows], vocab
 
 
 def vocab_of(config: LabeledFilesConfig) -> labels.LabelVocab:
@@ -180,27 +178,17 @@ def held_out_rows(num_rows: int, eval_fraction: float) -> np.ndarray:
     return np.sort(np.random.default_rng(_HOLD_OUT_SEED).permutation(num_rows)[:count])
 
 
-class JaxlmLabeledFiles(tfds.core.GeneratorBasedBuilder):
+class JaxlmLabeledFiles(builders.LocalFilesBuilder):
     """Labelled local files as a tfds dataset: `text`, `text_pair` and a ClassLabel `label`."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    DESCRIPTION = "Labelled text rows from local CSV/TSV/JSONL files, prepared by jaxlm."
+    RECORD_FILENAME = LABELS_FILENAME
 
-    # As in text_builder: name the source file directly (no importlib_resources needed).
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-        return epath.Path(__file__)
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description="Labelled text rows from local CSV/TSV/JSONL files, prepared by jaxlm.",
-            features=tfds.features.FeaturesDict({
-                TEXT: tfds.features.Text(), TEXT_PAIR: tfds.features.Text(),
-                LABEL: tfds.features.ClassLabel(names=list(self.builder_config.label_names)),
-            }),
-            disable_shuffling=True,  # Keep the files' row order.
-        )
+    def _features(self) -> tfds.features.FeaturesDict:
+        return tfds.features.FeaturesDict({
+            TEXT: tfds.features.Text(), TEXT_PAIR: tfds.features.Text(),
+            LABEL: tfds.features.ClassLabel(names=list(self.builder_config.label_names)),
+        })
 
     def _split_generators(self, dl_manager):
         del dl_manager  # Nothing to download: the inputs are local files.
@@ -221,16 +209,12 @@ class JaxlmLabeledFiles(tfds.core.GeneratorBasedBuilder):
         for index, example in enumerate(examples):
             yield index, {TEXT: example.text, TEXT_PAIR: example.text_pair, LABEL: example.label}
 
-    def _download_and_prepare(self, dl_manager, download_config=None):
-        super()._download_and_prepare(dl_manager, download_config)
-        # data_dir is still tfds's temporary directory here: the labels file is renamed into place
-        # together with the data.
+    def _record(self) -> dict:
         config = self.builder_config
-        record = {"dataset": f"{self.name}/{config.name}", **vocab_of(config).to_json(),
-                  "train_files": list(config.train_files), "eval_files": list(config.eval_files),
-                  "text_column": config.text_column, "text_pair_column": config.text_pair_column,
-                  "label_column": config.label_column}
-        (epath.Path(self.data_dir) / LABELS_FILENAME).write_text(json.dumps(record, indent=2, sort_keys=True))
+        return {"dataset": f"{self.name}/{config.name}", **vocab_of(config).to_json(),
+                "train_files": list(config.train_files), "eval_files": list(config.eval_files),
+                "text_column": config.text_column, "text_pair_column": config.text_pair_column,
+                "label_column": config.label_column}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,17 +226,7 @@ class PreparedLabeled:
 
 def prepare_labeled_dataset(config: LabeledFilesConfig, data_dir: str) -> PreparedLabeled:
     """Prepares the dataset under data_dir unless an identical preparation exists already."""
-    builder = JaxlmLabeledFiles(config=config, data_dir=data_dir, file_format="array_record")
-    reused = builder.is_prepared()
-    if not reused:
-        tfds.disable_progress_bar()
-        try:
-            builder.download_and_prepare(
-                download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-        except OSError:
-            if not builder.is_prepared():  # Another host finished first: fine.
-                raise
-        builder = JaxlmLabeledFiles(config=config, data_dir=data_dir, file_format="array_record")
+    builder, reused = builders.prepare(JaxlmLabeledFiles, config, data_dir)
     logging.info("%s dataset %s/%s in %s (%d classes: %s)", "Reusing" if reused else "Prepared",
                  builder.name, config.name, builder.data_path, len(config.label_names),
                  ", ".join(config.label_names))

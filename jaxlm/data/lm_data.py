@@ -90,7 +90,9 @@ def build_lm_data(
         dataset_id=corpus.dataset_id,
     )
     train, evaluation = cache(corpus.train), cache(corpus.eval)
-    pad = tokenizer_lib.pad_id(tokenizer)
+    pad, eos = tokenizer_lib.pad_id(tokenizer), tokenizer_lib.eos_id(tokenizer)
+    # Segmented packing: batches carry segment ids (a new one at each EOS); concat: none.
+    segment_eos = eos if data_config.get("packing", "concat") == "segmented" else None
     train_iter = lm_loader.make_train_iterator(
         train.tokens,
         seq_len=seq_len,
@@ -100,6 +102,7 @@ def build_lm_data(
         process_count=process_count,
         prefetch=int(data_config.get("prefetch", 2)),
         data_id=f"{corpus.dataset_id}/{corpus.train.name}/{fingerprint[:16]}",
+        eos_id=segment_eos,
     )
     _, rows = lm_loader.host_rows(global_batch_size, process_index, process_count)
     eval_batches = functools.partial(
@@ -110,12 +113,13 @@ def build_lm_data(
         pad_id=pad,
         process_index=process_index,
         process_count=process_count,
+        eos_id=segment_eos,
     )
     eval_targets = max(evaluation.num_tokens - 1, 0)  # Every token but the first is predicted once.
     return LMData(
         tokenizer=tokenizer,
         vocab_size=len(tokenizer),
-        eos_id=tokenizer_lib.eos_id(tokenizer),
+        eos_id=eos,
         pad_id=pad,
         train_iter=train_iter,
         eval_batches=eval_batches,

@@ -32,7 +32,6 @@ class MLMData:
     tokenizer: Any
     vocab_size: int
     pad_id: int
-    mask_id: int
     train_iter: example_loader.TrainIterator
     eval_batches: Callable[[], Iterator[example_loader.Batch]]
     num_eval_batches: int
@@ -124,7 +123,7 @@ def build_mlm_data(config, workdir: str, process_index: int = 0, process_count: 
         lambda ids: rows(evaluation, ids, [(_EVAL_STREAM, i) for i in ids.tolist()], ids < num_eval),
         global_batch_size=config.global_batch_size, process_index=process_index, process_count=process_count)
     _, host_batch = example_loader.host_rows(config.global_batch_size, process_index, process_count)
-    return MLMData(tokenizer=tokenizer, vocab_size=len(tokenizer), pad_id=pad, mask_id=int(tokenizer.mask_token_id),
-                   train_iter=train_iter, eval_batches=eval_batches,
+    return MLMData(tokenizer=tokenizer, vocab_size=len(tokenizer), pad_id=pad, train_iter=train_iter,
+                   eval_batches=eval_batches,
                    num_eval_batches=example_loader.num_eval_batches(num_eval, config.global_batch_size),
                    num_train_examples=num_train, host_batch_size=host_batch, prep_report=corpus.prep_report)

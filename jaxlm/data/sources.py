@@ -62,14 +62,15 @@ def default_data_dir() -> str:
     return os.path.expanduser(os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets")
 
 
+def data_dir_of(data_config) -> str:
+    """data.data_dir, '~'-expanded; tfds's default when empty."""
+    data_dir = (data_config.get("data_dir", "") or "").strip()
+    return os.path.expanduser(data_dir) if data_dir else default_data_dir()
+
+
 def text_files_corpus(data_config, data_dir: str) -> TextCorpus:
     """`data.train_file` (+ `data.eval_file`): prepared once into data_dir, then reused."""
-    config = text_builder.make_text_files_config(
-        train_file=data_config.train_file,
-        eval_file=data_config.get("eval_file", "") or "",
-        eval_fraction=float(data_config.get("eval_fraction", 0.1)),
-        doc_split=data_config.get("doc_split", "blank_line"),
-    )
+    config = text_builder.config_from_data(data_config)
     prepared = text_builder.prepare_text_dataset(config, data_dir)
     def split(name: str) -> TextSplit:
         return TextSplit(prepared.builder.as_data_source(name), text_builder.TEXT_FEATURE, name)

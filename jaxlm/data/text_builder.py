@@ -3,18 +3,16 @@
 The config name carries a hash of the files' content and of the options, so changed inputs get a
 new dataset directory (a stale preparation is never reused) and unchanged inputs reuse the
 existing one. Read it back with `builder.as_data_source(split)`: random access, no tf.data.
+What both jaxlm builders share (hash, naming, the multi-host guard, the saved record, progress)
+is in builders.py; beam_prepare.py builds this same dataset with an Apache Beam pipeline.
 """
 
 import dataclasses
-import hashlib
-import json
-import re
 
 import tensorflow_datasets as tfds
 from absl import logging
-from etils import epath
 
-from jaxlm.data import documents
+from jaxlm.data import builders, documents
 from jaxlm.errors import UserError
 
 TEXT_FEATURE = "text"
@@ -36,18 +34,9 @@ class TextFilesConfig(tfds.core.BuilderConfig):
     doc_split: str = "blank_line"
 
 
-def _file_sha256(path: str) -> bytes:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.digest()
-
-
 def _content_hash(
     train_files: tuple[str, ...], eval_files: tuple[str, ...], eval_fraction: float, doc_split: str
 ) -> str:
-    """Hash of everything that determines the prepared data (not of the file paths)."""
     options = {
         "rules": _PREP_RULES_VERSION,
         "doc_split": doc_split,
@@ -55,10 +44,7 @@ def _content_hash(
         "num_train_files": len(train_files),
         "num_eval_files": len(eval_files),
     }
-    digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
-    for path in train_files + eval_files:
-        digest.update(_file_sha256(path))
-    return digest.hexdigest()
+    return builders.content_hash(options, train_files + eval_files)
 
 
 def make_text_files_config(
@@ -70,17 +56,36 @@ def make_text_files_config(
     eval_files = documents.resolve_files(eval_file, "data.eval_file") if eval_file.strip() else ()
     if not eval_files and not 0.0 < eval_fraction < 1.0:
         raise UserError(f"data.eval_fraction={eval_fraction} must be in (0, 1), or set data.eval_file")
-    stem = epath.Path(train_files[0]).stem.lower()
-    readable = re.sub(r"[^a-z0-9]+", "_", stem).strip("_")[:40] or "text"
     content_hash = _content_hash(train_files, eval_files, eval_fraction, doc_split)
     return TextFilesConfig(
-        name=f"{readable}_{content_hash[:16]}",
+        name=builders.config_name(train_files[0], content_hash, "text"),
         description=f"{len(train_files)} train, {len(eval_files)} eval text file(s); {doc_split} split",
         train_files=train_files,
         eval_files=eval_files,
         eval_fraction=eval_fraction,
         doc_split=doc_split,
     )
+
+
+def config_from_data(data_config) -> TextFilesConfig:
+    """The config of `data.train_file` (+ eval_file, eval_fraction, doc_split)."""
+    return make_text_files_config(
+        train_file=data_config.train_file,
+        eval_file=data_config.get("eval_file", "") or "",
+        eval_fraction=float(data_config.get("eval_fraction", 0.1)),
+        doc_split=data_config.get("doc_split", "blank_line"),
+    )
+
+
+def num_held_out(config: TextFilesConfig, total: int) -> int:
+    """How many documents at the end of the train files are held out for validation."""
+    num_eval = max(1, round(total * config.eval_fraction))
+    if num_eval >= total:
+        raise UserError(
+            f"data.train_file has {total} document(s) with data.doc_split={config.doc_split}: too few"
+            " to hold some out for validation; add text, use data.doc_split=line, or set data.eval_file"
+        )
+    return num_eval
 
 
 def split_plans(config: TextFilesConfig) -> dict[str, documents.SplitPlan]:
@@ -91,20 +96,15 @@ def split_plans(config: TextFilesConfig) -> dict[str, documents.SplitPlan]:
             EVAL_SPLIT: documents.SplitPlan(config.eval_files, "data.eval_file"),
         }
     total = documents.count_raw_documents(config.train_files, config.doc_split, "data.train_file")
-    num_eval = max(1, round(total * config.eval_fraction))
-    if num_eval >= total:
-        raise UserError(
-            f"data.train_file has {total} document(s) with data.doc_split={config.doc_split}: too few"
-            " to hold some out for validation; add text, use data.doc_split=line, or set data.eval_file"
-        )
+    boundary = total - num_held_out(config, total)
     return {
-        TRAIN_SPLIT: documents.SplitPlan(config.train_files, "data.train_file", 0, total - num_eval),
-        EVAL_SPLIT: documents.SplitPlan(config.train_files, "data.train_file", total - num_eval),
+        TRAIN_SPLIT: documents.SplitPlan(config.train_files, "data.train_file", 0, boundary),
+        EVAL_SPLIT: documents.SplitPlan(config.train_files, "data.train_file", boundary),
     }
 
 
-def _check_not_empty(split: str, counts: documents.SplitCounts, config: TextFilesConfig) -> None:
-    if counts.kept:
+def check_not_empty(split: str, kept: int, config: TextFilesConfig) -> None:
+    if kept:
         return
     if split == TRAIN_SPLIT:
         raise UserError("data.train_file: no documents left after cleaning (all empty or duplicates)")
@@ -119,6 +119,19 @@ def _check_not_empty(split: str, counts: documents.SplitCounts, config: TextFile
     )
 
 
+def counts_report(config: TextFilesConfig, splits: dict[str, dict[str, int]], preparation: dict) -> dict:
+    """What is saved next to the data: the inputs and, per split, the cleaning counts."""
+    return {
+        "dataset": f"{JaxlmTextFiles.name}/{config.name}",
+        "doc_split": config.doc_split,
+        "train_files": list(config.train_files),
+        "eval_files": list(config.eval_files),
+        "eval_fraction": None if config.eval_files else config.eval_fraction,
+        "splits": splits,
+        "preparation": preparation,  # How it was prepared: {"runner": "single_process"} or Beam's.
+    }
+
+
 def scan_documents(
     config: TextFilesConfig, plans: dict[str, documents.SplitPlan]
 ) -> tuple[dict, set[bytes]]:
@@ -128,72 +141,50 @@ def scan_documents(
     validation).
     """
     counts = {split: documents.SplitCounts() for split in plans}
-    train_digests: set[bytes] = set()
-    for _ in documents.clean_documents(
-        plans[TRAIN_SPLIT], config.doc_split, counts[TRAIN_SPLIT], seen=train_digests
-    ):
-        pass
-    for _ in documents.clean_documents(
-        plans[EVAL_SPLIT], config.doc_split, counts[EVAL_SPLIT], excluded=train_digests
-    ):
-        pass
+    seen = {TRAIN_SPLIT: set(), EVAL_SPLIT: None}
+    for split in (TRAIN_SPLIT, EVAL_SPLIT):
+        progress = builders.plan_progress(plans[split], f"cleaning {split}")
+        for _ in documents.clean_documents(
+                plans[split], config.doc_split, counts[split], seen=seen[split],
+                excluded=seen[TRAIN_SPLIT] if split == EVAL_SPLIT else frozenset(), progress=progress):
+            pass
+        progress.finish()
     for split, split_counts in counts.items():
-        _check_not_empty(split, split_counts, config)
-    report = {
-        "dataset": f"{JaxlmTextFiles.name}/{config.name}",
-        "doc_split": config.doc_split,
-        "train_files": list(config.train_files),
-        "eval_files": list(config.eval_files),
-        "eval_fraction": None if config.eval_files else config.eval_fraction,
-        "splits": {split: split_counts.as_dict() for split, split_counts in counts.items()},
-    }
-    return report, train_digests
+        check_not_empty(split, split_counts.kept, config)
+    splits = {split: split_counts.as_dict() for split, split_counts in counts.items()}
+    return counts_report(config, splits, {"runner": "single_process"}), seen[TRAIN_SPLIT]
 
 
-class JaxlmTextFiles(tfds.core.GeneratorBasedBuilder):
+class JaxlmTextFiles(builders.LocalFilesBuilder):
     """Local text files as a tfds dataset with one string feature, `text`."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    DESCRIPTION = "Documents from local text files, cleaned and deduplicated by jaxlm."
+    RECORD_FILENAME = REPORT_FILENAME
 
-    # tfds finds a builder's source through the `importlib_resources` backport, which is not
-    # installed on Python >= 3.9; name the file directly (there are no checksums beside it).
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-        return epath.Path(__file__)
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description="Documents from local text files, cleaned and deduplicated by jaxlm.",
-            features=tfds.features.FeaturesDict({TEXT_FEATURE: tfds.features.Text()}),
-            # Keep the files' document order: the held-out split is the end of the text.
-            disable_shuffling=True,
-        )
+    def _features(self) -> tfds.features.FeaturesDict:
+        return tfds.features.FeaturesDict({TEXT_FEATURE: tfds.features.Text()})
 
     def _split_generators(self, dl_manager):
         del dl_manager  # Nothing to download: the inputs are local files.
         plans = split_plans(self.builder_config)
         self._report, train_digests = scan_documents(self.builder_config, plans)
         return {
-            TRAIN_SPLIT: self._generate_examples(plans[TRAIN_SPLIT], frozenset()),
-            EVAL_SPLIT: self._generate_examples(plans[EVAL_SPLIT], train_digests),
+            TRAIN_SPLIT: self._generate_examples(plans[TRAIN_SPLIT], frozenset(), TRAIN_SPLIT),
+            EVAL_SPLIT: self._generate_examples(plans[EVAL_SPLIT], train_digests, EVAL_SPLIT),
         }
 
-    def _generate_examples(self, plan: documents.SplitPlan, excluded: frozenset[bytes] | set[bytes]):
+    def _generate_examples(self, plan: documents.SplitPlan, excluded, split: str):
         # The counts were taken by the scan; this pass re-applies the same rules to write.
+        progress = builders.plan_progress(plan, f"writing {split}")
         texts = documents.clean_documents(
-            plan, self.builder_config.doc_split, documents.SplitCounts(), excluded=excluded
-        )
+            plan, self.builder_config.doc_split, documents.SplitCounts(), excluded=excluded,
+            progress=progress)
         for index, text in enumerate(texts):
             yield index, {TEXT_FEATURE: text}
+        progress.finish()
 
-    def _download_and_prepare(self, dl_manager, download_config=None):
-        super()._download_and_prepare(dl_manager, download_config)
-        # data_dir is still tfds's temporary directory here, so the report is renamed into place
-        # together with the data: a prepared dataset always has its report.
-        report_path = epath.Path(self.data_dir) / REPORT_FILENAME
-        report_path.write_text(json.dumps(self._report, indent=2, sort_keys=True))
+    def _record(self) -> dict:
+        return self._report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,33 +194,16 @@ class PreparedText:
     reused: bool  # True when an existing preparation was found and nothing was rebuilt.
 
 
-def _log_report(report: dict) -> None:
-    for split, counts in report["splits"].items():
-        logging.info(
-            "%s %s: %d documents read, %d empty dropped, %d duplicates dropped, %d in train dropped,"
-            " %d kept, %d bytes",
-            report["dataset"], split, counts["documents_read"], counts["empty_dropped"],
-            counts["duplicates_dropped"], counts["in_train_dropped"], counts["kept"], counts["bytes"],
-        )
+def prepare_text_dataset(config: TextFilesConfig, data_dir: str, builder_cls=None,
+                         download_config=None) -> PreparedText:
+    """Prepares the dataset under data_dir unless an identical preparation exists already.
 
-
-def prepare_text_dataset(config: TextFilesConfig, data_dir: str) -> PreparedText:
-    """Prepares the dataset under data_dir unless an identical preparation exists already."""
-    builder = JaxlmTextFiles(config=config, data_dir=data_dir, file_format="array_record")
-    reused = builder.is_prepared()
-    if not reused:
-        tfds.disable_progress_bar()  # Progress goes to the log, not to tqdm bars.
-        download_config = tfds.download.DownloadConfig(try_download_gcs=False)
-        try:
-            builder.download_and_prepare(download_config=download_config)
-        except OSError:
-            # Hosts sharing data_dir race to rename their finished copy into place; losing the
-            # race is fine as long as a complete copy is there.
-            if not builder.is_prepared():
-                raise
-        builder = JaxlmTextFiles(config=config, data_dir=data_dir, file_format="array_record")
-    report = json.loads((epath.Path(builder.data_path) / REPORT_FILENAME).read_text())
+    builder_cls / download_config: the Beam preparation's (beam_prepare.prepare_on_beam);
+    by default the single-process one. Both give the same dataset, so either reuses the other's.
+    """
+    builder, reused = builders.prepare(builder_cls or JaxlmTextFiles, config, data_dir, download_config)
+    report = builders.read_record(builder, REPORT_FILENAME)
     action = "Reusing" if reused else "Prepared"
     logging.info("%s dataset %s in %s", action, report["dataset"], builder.data_path)
-    _log_report(report)
+    builders.log_split_counts(report)
     return PreparedText(builder=builder, report=report, reused=reused)

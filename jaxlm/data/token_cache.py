@@ -8,16 +8,17 @@ so concurrent hosts or a kill never leave a partial file behind.
 
 import dataclasses
 import hashlib
-import json
 import os
 import re
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 
 import numpy as np
 from absl import logging
 
+from jaxlm import io
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.data.sources import TextSplit
 from jaxlm.errors import UserError
@@ -53,18 +54,6 @@ def cache_paths(
     name = f"{safe_split}-{tokenizer_fingerprint[:16]}"
     stem = os.path.join(data_dir, CACHE_DIRNAME, dataset_id, name)
     return stem + ".npy", stem + ".json"
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    directory, name = os.path.split(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 class _Progress:
@@ -108,9 +97,9 @@ def _write_cache(texts: TextSplit, tokenizer, npy_path: str, json_path: str, lab
     progress = _Progress(label, len(texts))
     documents = tokens = num_bytes = 0
     # Token counts are unknown up front: stream raw ids to a scratch file, then build the .npy.
-    raw_fd, raw_path = tempfile.mkstemp(prefix=".raw-", suffix=".tmp", dir=directory)
-    npy_fd, npy_tmp = tempfile.mkstemp(prefix=".npy-", suffix=".tmp", dir=directory)
-    os.close(npy_fd)
+    raw_fd, raw_path = tempfile.mkstemp(prefix=".raw-", suffix=".tmp", dir=directory)  # Private scratch.
+    # Not mkstemp (0600): open_memmap creates it under the umask, so the cache is readable by all.
+    npy_tmp = os.path.join(directory, f".npy-{uuid.uuid4().hex[:12]}.tmp")
     try:
         with os.fdopen(raw_fd, "wb") as raw:
             for flat, batch_documents, batch_bytes in _encoded_batches(texts, encode, eos):
@@ -130,7 +119,7 @@ def _write_cache(texts: TextSplit, tokenizer, npy_path: str, json_path: str, lab
             "num_documents": documents, "num_tokens": tokens, "num_bytes": num_bytes, "dtype": dtype.name
         }
         # The .json goes first: a visible .npy always has its counts beside it.
-        _atomic_write_text(json_path, json.dumps(metadata, indent=2, sort_keys=True))
+        io.write_json_atomic(json_path, metadata)
         os.replace(npy_tmp, npy_path)
     finally:
         for path in (raw_path, npy_tmp):
@@ -149,8 +138,7 @@ def cached_token_split(texts: TextSplit, tokenizer, *, data_dir: str, dataset_id
     else:
         _write_cache(texts, tokenizer, npy_path, json_path, f"{dataset_id} {texts.name}")
         logging.info("Wrote token cache %s", npy_path)
-    with open(json_path) as f:
-        metadata = json.load(f)
+    metadata = io.read_json(json_path)
     tokens = np.load(npy_path, mmap_mode="r")
     return TokenSplit(
         tokens=tokens, num_documents=metadata["num_documents"], num_bytes=metadata["num_bytes"]

@@ -151,6 +151,13 @@ def eos_id(tokenizer: transformers.PreTrainedTokenizerBase) -> int:
     )
 
 
+def document_prefix(tokenizer: transformers.PreTrainedTokenizerBase) -> list[int]:
+    """The ids right before every document in training (token caches hold each document's ids,
+    without the tokenizer's own special tokens, then an EOS): a prompt, as a new document, follows
+    them too (`jaxlm generate`, and the tokenizer `jaxlm export` writes)."""
+    return [eos_id(tokenizer)]
+
+
 def pad_id(tokenizer: transformers.PreTrainedTokenizerBase) -> int:
     """The padding id; tokenizers without one (GPT-2) pad with EOS, which is safe because
     padded positions always have weight 0."""

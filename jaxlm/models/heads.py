@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.models.config import ModelConfig
-from jaxlm.models.transformer import Norm, _init, _zeros
+from jaxlm.models.transformer import Norm, normal_init, zeros_init
 
 Array = jax.Array
 
@@ -23,7 +23,7 @@ class LMHead(nn.Module):
         if cfg.tie_embeddings:
             logits = attend(x)
         else:
-            kernel = self.param("kernel", _init(cfg, ("embed", "vocab")),
+            kernel = self.param("kernel", normal_init(cfg, ("embed", "vocab")),
                                 (cfg.d_model, cfg.vocab_size), cfg.weight_dtype)
             logits = jnp.einsum("btd,dv->btv", x, kernel.astype(cfg.compute_dtype))
         return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
@@ -38,12 +38,12 @@ class MLMHead(nn.Module):
     def __call__(self, x: Array, attend: Callable[[Array], Array]) -> Array:
         cfg = self.cfg
         h = nn.Dense(cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-                     kernel_init=_init(cfg, ("embed", "embed_out")), bias_init=_zeros(("embed_out",)),
+                     kernel_init=normal_init(cfg, ("embed", "embed_out")), bias_init=zeros_init(("embed_out",)),
                      name="transform")(x)
         h = nn.gelu(h, approximate=cfg.activation == "gelu_tanh")
         h = Norm(cfg, name="norm")(h)
         logits = attend(h)
-        bias = self.param("bias", _zeros(("vocab",)), (cfg.vocab_size,), cfg.weight_dtype)
+        bias = self.param("bias", zeros_init(("vocab",)), (cfg.vocab_size,), cfg.weight_dtype)
         logits = logits + bias.astype(logits.dtype)
         return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
@@ -78,10 +78,10 @@ class ClassificationHead(nn.Module):
             raise ValueError(f"unknown pooling {self.pooling!r}")
         if self.pooler:
             pooled = jnp.tanh(nn.Dense(cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-                                       kernel_init=_init(cfg, ("embed", "embed_out")),
-                                       bias_init=_zeros(("embed_out",)), name="pooler")(pooled))
+                                       kernel_init=normal_init(cfg, ("embed", "embed_out")),
+                                       bias_init=zeros_init(("embed_out",)), name="pooler")(pooled))
         pooled = nn.Dropout(cfg.dropout, deterministic=self.deterministic)(pooled)
         logits = nn.Dense(self.num_labels, dtype=jnp.float32, param_dtype=cfg.weight_dtype,
-                          kernel_init=_init(cfg, ("embed", None)), bias_init=_zeros((None,)),
+                          kernel_init=normal_init(cfg, ("embed", None)), bias_init=zeros_init((None,)),
                           name="classifier")(pooled)
         return logits

@@ -38,9 +38,11 @@ class Model(nn.Module):
 
     def __call__(self, tokens: Array, *, positions: Optional[Array] = None,
                  padding_mask: Optional[Array] = None,
-                 token_type_ids: Optional[Array] = None) -> Array:
+                 token_type_ids: Optional[Array] = None,
+                 segment_ids: Optional[Array] = None) -> Array:
+        """segment_ids: [B, T], one id per packed document (see Transformer; None: one segment)."""
         h = self.body(tokens, positions=positions, padding_mask=padding_mask,
-                      token_type_ids=token_type_ids)
+                      token_type_ids=token_type_ids, segment_ids=segment_ids)
         if self.head == "lm":
             return self.lm_head(h, self.body.attend)
         if self.head == "mlm":

@@ -32,15 +32,15 @@ REMAT_POLICIES = {
 }
 
 
-def _init(cfg: ModelConfig, axes: tuple[str, ...]):
+def normal_init(cfg: ModelConfig, axes: tuple[str, ...]):
     return nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), axes)
 
 
-def _zeros(axes: tuple[str, ...]):
+def zeros_init(axes: tuple[str, ...]):
     return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
 
 
-def _ones(axes: tuple[str, ...]):
+def ones_init(axes: tuple[str, ...]):
     return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
 
 
@@ -52,7 +52,7 @@ class Norm(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.cfg
-        scale = self.param("scale", _ones(("norm",)), (x.shape[-1],), cfg.weight_dtype)
+        scale = self.param("scale", ones_init(("norm",)), (x.shape[-1],), cfg.weight_dtype)
         x32 = x.astype(jnp.float32)
         if cfg.norm == "rmsnorm":
             y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + cfg.norm_eps)
@@ -61,7 +61,7 @@ class Norm(nn.Module):
         var = jnp.mean(jnp.square(x32 - mean), -1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + cfg.norm_eps) * scale
         if cfg.use_bias:
-            y = y + self.param("bias", _zeros(("norm",)), (x.shape[-1],), cfg.weight_dtype)
+            y = y + self.param("bias", zeros_init(("norm",)), (x.shape[-1],), cfg.weight_dtype)
         return y.astype(cfg.compute_dtype)
 
 
@@ -89,7 +89,7 @@ class Embedder(nn.Module):
         cfg = self.cfg
         embed = lambda n, name: nn.Embed(  # noqa: E731
             n, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-            embedding_init=_init(cfg, ("vocab", "embed") if name == "token" else (None, "embed")),
+            embedding_init=normal_init(cfg, ("vocab", "embed") if name == "token" else (None, "embed")),
             name=name)
         self.token = embed(cfg.vocab_size, "token")
         if cfg.positions == "learned":
@@ -131,11 +131,11 @@ class Projection(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.cfg
-        kernel = self.param("kernel", _init(cfg, self.kernel_axes), self.kernel_shape, cfg.weight_dtype)
+        kernel = self.param("kernel", normal_init(cfg, self.kernel_axes), self.kernel_shape, cfg.weight_dtype)
         y = jnp.einsum(self.equation, x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype))
         if cfg.use_bias:
             bias_axes = self.kernel_axes[-len(self.bias_shape):]
-            bias = self.param("bias", _zeros(bias_axes), self.bias_shape, cfg.weight_dtype)
+            bias = self.param("bias", zeros_init(bias_axes), self.bias_shape, cfg.weight_dtype)
             y = y + bias.astype(cfg.compute_dtype)
         return y
 
@@ -179,6 +179,9 @@ class Attention(nn.Module):
             impl = None if cfg.attention_impl == "auto" else cfg.attention_impl
             if impl is None and jax.default_backend() != "gpu":
                 impl = "xla"
+            # cudnn takes an arbitrary boolean mask (padding, or per-document segments) by turning
+            # it into a dense additive bias [B, 1, T, T]: correct, but it costs O(T^2) memory per
+            # example and the causal half is no longer skipped.
             out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
                                                implementation=impl)
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
@@ -235,8 +238,8 @@ class Mlp(nn.Module):
 
         def dense(name, features, in_axis, out_axis, inputs):
             return nn.Dense(features, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
-                            param_dtype=cfg.weight_dtype, kernel_init=_init(cfg, (in_axis, out_axis)),
-                            bias_init=_zeros((out_axis,)), name=name)(inputs)
+                            param_dtype=cfg.weight_dtype, kernel_init=normal_init(cfg, (in_axis, out_axis)),
+                            bias_init=zeros_init((out_axis,)), name=name)(inputs)
 
         if cfg.gated:
             act = nn.silu if cfg.activation == "swiglu" else (lambda z: nn.gelu(z, approximate=True))
@@ -305,18 +308,23 @@ class Transformer(nn.Module):
 
     def __call__(self, tokens: Array, *, positions: Optional[Array] = None,
                  padding_mask: Optional[Array] = None,
-                 token_type_ids: Optional[Array] = None) -> Array:
+                 token_type_ids: Optional[Array] = None,
+                 segment_ids: Optional[Array] = None) -> Array:
         """tokens: [B, T] ints. padding_mask: [B, T], True for real tokens (keys to attend).
 
-        positions default to 0..T-1; pass them explicitly for left-padded or cached decoding.
+        segment_ids: [B, T] ints, one id per packed document (None: the row is one segment);
+        a token attends only to tokens of its own segment, and positions restart at each.
+        positions default to 0..T-1 (per segment); pass them explicitly for left-padded or
+        cached decoding.
         """
         cfg = self.cfg
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+            positions = (jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+                         if segment_ids is None else segment_positions(segment_ids))
         x = self.embed(tokens, positions, token_type_ids)
         x = self.embed_dropout(x)
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
-        mask = None if self.decode else attention_mask(padding_mask, tokens.shape[1], cfg.causal)
+        mask = None if self.decode else attention_mask(padding_mask, tokens.shape[1], cfg.causal, segment_ids)
         if cfg.scan_layers:
             x, _ = self.layers(x, positions, mask, padding_mask)
         else:
@@ -331,14 +339,34 @@ class Transformer(nn.Module):
         return self.embed.attend(x)
 
 
-def attention_mask(padding_mask: Optional[Array], length: int, causal: bool) -> Optional[Array]:
-    """A [B, 1, T, T] boolean mask, or None when plain causal masking suffices."""
-    if padding_mask is None:
+def attention_mask(padding_mask: Optional[Array], length: int, causal: bool,
+                   segment_ids: Optional[Array] = None) -> Optional[Array]:
+    """A [B, 1, T, T] boolean mask (padding keys ∧ same segment ∧ causal), or None when plain
+    causal masking suffices."""
+    if padding_mask is None and segment_ids is None:
         return None
-    mask = padding_mask[:, None, None, :].astype(jnp.bool_)
+    mask = None
+    if padding_mask is not None:
+        mask = padding_mask[:, None, None, :].astype(jnp.bool_)
+    if segment_ids is not None:
+        same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+        mask = same if mask is None else mask & same
     if causal:
         mask = mask & jnp.tril(jnp.ones((length, length), jnp.bool_))[None, None]
     return mask
+
+
+def segment_positions(segment_ids: Array) -> Array:
+    """Each token's offset from the first token of its segment: [B, T] int32.
+
+    A segment starts wherever the id differs from the previous token's (and at token 0).
+    """
+    length = segment_ids.shape[1]
+    index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), segment_ids.shape)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], jnp.bool_),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    segment_start = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+    return index - segment_start
 
 
 def count_params(params: Any) -> int:

@@ -16,6 +16,7 @@ import optax
 from clu import metrics as clu_metrics
 
 from jaxlm.metrics import ConfusionMatrix, average, classification_scores, collection
+from jaxlm.tasks.base import Batch, Task
 
 MAX_CLASSES_WITH_CONFUSION_SCALARS = 10  # Larger matrices go to the eval report only.
 
@@ -37,17 +38,14 @@ def _tag(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "_"
 
 
-class ClassificationTask:
+class ClassificationTask(Task):
     name = "classification"
     head = "classifier"
-    eval_metrics_class = ClassificationEvalMetrics
+    can_predict = True
 
     def build_data(self, config, workdir: str, process_index: int, process_count: int):
         from jaxlm.data.classification_data import build_classification_data  # pylint: disable=import-outside-toplevel
-        data = build_classification_data(config, workdir, process_index, process_count)
-        if config.classification.pooling == "auto":  # Resolved here, so config.json records it.
-            config.classification.pooling = auto_pooling(config.model.causal, data.tokenizer)
-        return data
+        return build_classification_data(config, workdir, process_index, process_count)
 
     def build_eval_data(self, config, workdir: str, process_index: int, process_count: int):
         """For a trained run: data.eval_file alone when that suffices (see can_build_eval_only)."""
@@ -56,28 +54,40 @@ class ClassificationTask:
             return classification_data.build_eval_only_data(config, workdir, process_index, process_count)
         return self.build_data(config, workdir, process_index, process_count)
 
+    def resolve(self, config, data) -> None:
+        """The classes (so config.json records the label vocabulary) and the pooling 'auto' picks."""
+        super().resolve(config, data)
+        with config.data.ignore_type():
+            config.data.num_labels = len(data.label_names)
+            config.data.label_names = list(data.label_names)
+            config.data.label_kind = data.label_kind  # Later evals map labels as training did.
+        if config.classification.pooling == "auto":
+            config.classification.pooling = auto_pooling(config.model.causal, data.tokenizer)
+
+    def batch_spec(self, config) -> dict:
+        b, t = config.global_batch_size, config.seq_len
+        return {"inputs": jax.ShapeDtypeStruct((b, t), jnp.int32),
+                "padding_mask": jax.ShapeDtypeStruct((b, t), jnp.bool_),
+                "token_type_ids": jax.ShapeDtypeStruct((b, t), jnp.int32),
+                "labels": jax.ShapeDtypeStruct((b,), jnp.int32), "weights": jax.ShapeDtypeStruct((b,), jnp.float32)}
+
     def model_kwargs(self, config) -> dict:
         pooling = config.classification.pooling
         return {"head": self.head, "num_labels": max(int(config.data.num_labels), 2),
                 "pooling": auto_pooling(config.model.causal, None) if pooling == "auto" else pooling,
                 "pooler": bool(config.classification.pooler)}
 
-    def dummy_inputs(self, config) -> dict:
-        shape = (1, config.seq_len)
-        return {"tokens": jnp.zeros(shape, jnp.int32), "padding_mask": jnp.ones(shape, jnp.bool_),
-                "token_type_ids": jnp.zeros(shape, jnp.int32)}
-
-    def model_inputs(self, batch: dict) -> dict:
+    def model_inputs(self, batch: Batch) -> Batch:
         return {"tokens": batch["inputs"], "padding_mask": batch["padding_mask"],
                 "token_type_ids": batch["token_type_ids"]}
 
-    def loss(self, logits: jax.Array, batch: dict):
+    def loss(self, logits: jax.Array, batch: Batch):
         """Class-weighted cross-entropy: batch["weights"] holds each row's class weight (0 for padding)."""
         losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["labels"])
         weights = batch["weights"].astype(jnp.float32)
         return jnp.sum(losses * weights), jnp.sum(weights)
 
-    def eval_metrics(self, logits: jax.Array, batch: dict) -> ClassificationEvalMetrics:
+    def eval_metrics(self, logits: jax.Array, batch: Batch) -> ClassificationEvalMetrics:
         loss_sum, weight = self.loss(logits, batch)
         confusion = ConfusionMatrix.from_predictions(batch["labels"], jnp.argmax(logits, -1), batch["weights"] > 0,
                                                      logits.shape[-1])

@@ -1,0 +1,93 @@
+"""Flags and start-up steps that several commands share."""
+
+import argparse
+import os
+
+from jaxlm.errors import UserError
+
+
+class HelpWithDefaults(argparse.HelpFormatter):
+    """Appends "(default: …)" to each flag's help that has a default worth showing (not None,
+    not empty, not an on/off switch) and does not describe its default already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or default in (None, "", argparse.SUPPRESS) or isinstance(default, bool)
+                or "default" in text or "%(default)" in text):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def add_parser(subparsers, name: str, *, help: str, description: str) -> argparse.ArgumentParser:  # noqa: A002
+    """A command's parser, whose --help shows the flags' defaults."""
+    return subparsers.add_parser(name, help=help, description=description, formatter_class=HelpWithDefaults)
+
+
+def add_recipe_flags(parser: argparse.ArgumentParser, example: str) -> None:
+    parser.add_argument("--config", required=False, help=f"recipe file, e.g. {example}")
+    parser.add_argument("--help_config", action="store_true",
+                        help="list every config field with its value (the recipe's, with --config) and exit")
+
+
+def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
+    """--workdir of a finished run and which of its checkpoints: --step N or --best."""
+    parser.add_argument("--workdir", required=False, help="run directory written by `jaxlm train`")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    which.add_argument("--best", action="store_true", help="the best checkpoint (DIR/best, kept with best_metric)")
+
+
+def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("multi-host (GPU clusters and tests; TPU VMs need none)")
+    group.add_argument("--coordinator_address", default=None, help="HOST:PORT of process 0")
+    group.add_argument("--num_processes", type=int, default=None, help="total number of processes")
+    group.add_argument("--process_id", type=int, default=None, help="this process's index")
+    group.add_argument("--initialization_timeout", type=int, default=300,
+                       help="seconds to wait for the other processes at start-up")
+    group.add_argument("--heartbeat_timeout", type=int, default=30,
+                       help="seconds without a peer's heartbeat before the run stops with an error")
+
+
+def initialize_distributed(args: argparse.Namespace) -> None:
+    """Joins the other processes of a multi-host run, with timeouts so a dead peer is an error.
+
+    On CPU the collectives go through gloo (tests run several processes on localhost).
+    """
+    import jax  # pylint: disable=import-outside-toplevel
+    from jaxlm import compat  # pylint: disable=import-outside-toplevel
+    explicit = [args.coordinator_address, args.num_processes, args.process_id]
+    multi_host_tpu = (os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0
+                      or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
+    if all(v is None for v in explicit) and not multi_host_tpu:
+        return
+    if any(v is not None for v in explicit) and any(v is None for v in explicit):
+        raise UserError("--coordinator_address, --num_processes and --process_id go together: give all three")
+    compat.use_gloo_cpu_collectives()
+    kwargs = dict(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+                  process_id=args.process_id, initialization_timeout=args.initialization_timeout,
+                  heartbeat_timeout_seconds=args.heartbeat_timeout)
+    # On a TPU slice the runtime knows the peers: only the timeouts are passed.
+    jax.distributed.initialize(**compat.supported_kwargs(jax.distributed.initialize, kwargs))
+
+
+def is_primary() -> bool:
+    """Whether this is process 0 (call after initialize_distributed)."""
+    import jax  # pylint: disable=import-outside-toplevel
+    return jax.process_index() == 0
+
+
+def hide_gpus_from_tensorflow() -> None:
+    """TensorFlow (pulled in by tfds and clu) must never take GPU memory from JAX. Its native
+    start-up lines (oneDNN, CPU features) go to the log file, not the console."""
+    from jaxlm import console  # pylint: disable=import-outside-toplevel
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with console.native_output_to_log("tensorflow"):
+        try:
+            import tensorflow as tf  # pylint: disable=import-outside-toplevel
+        except ImportError:
+            return
+        try:
+            tf.config.set_visible_devices([], "GPU")
+        except RuntimeError:
+            pass  # Already initialised elsewhere with no GPU visible: nothing to hide.

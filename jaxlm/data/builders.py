@@ -1,0 +1,209 @@
+"""What every jaxlm tfds builder of local files shares, single-process or on Apache Beam.
+
+    name = builders.config_name(files[0], builders.content_hash(options, files), "text")
+    builder, reused = builders.prepare(JaxlmTextFiles, config, data_dir)
+
+- The config name carries a hash of the files' content and of the options: changed inputs get
+  a new dataset directory (a stale preparation is never reused), unchanged ones reuse it.
+- `prepare` is the multi-host guard: every host may call it on a shared data_dir; the losers of
+  the race to rename the finished copy into place find a complete copy and use it.
+- `LocalFilesBuilder` saves a JSON record (the cleaning counts, the label vocabulary) inside
+  tfds's temporary directory, so it is renamed into place together with the data.
+- `Progress` logs documents/s, bytes/s and an ETA while a pass reads the files.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import tensorflow_datasets as tfds
+from absl import logging
+from etils import epath
+
+from jaxlm.data import documents
+
+_PROGRESS_INTERVAL_S = 10.0  # Seconds between two progress lines of one pass.
+
+
+def file_sha256(path: str) -> bytes:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.digest()
+
+
+def content_hash(options: dict, files: Sequence[str]) -> str:
+    """Hash of everything that determines the prepared data: the options and the files' bytes
+    in order (not their paths: moving the files keeps the preparation)."""
+    digest = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode())
+    progress = Progress("hashing the input files", sum(os.path.getsize(p) for p in files))
+    for path in files:
+        digest.update(file_sha256(path))
+        progress.file_done(path)
+    progress.finish()
+    return digest.hexdigest()
+
+
+def config_name(first_file: str, digest: str, fallback: str) -> str:
+    """`<readable stem of the first file>_<16 hex digits of the content hash>`."""
+    stem = epath.Path(first_file).stem.lower()
+    readable = re.sub(r"[^a-z0-9]+", "_", stem).strip("_")[:40] or fallback
+    return f"{readable}_{digest[:16]}"
+
+
+class LocalFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Base of jaxlm's builders: local inputs, examples kept in file order, and a JSON record
+    saved with the data. A builder sets DESCRIPTION and RECORD_FILENAME and defines
+    `_features()`, `_split_generators` and `_record()`."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    DESCRIPTION = ""
+    RECORD_FILENAME = ""  # The file `_record()` is saved to.
+
+    def _features(self) -> tfds.features.FeaturesDict:
+        raise NotImplementedError
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self, description=self.DESCRIPTION, features=self._features(),
+            # Keep the files' order (a text's held-out split is its end): tfds then writes the
+            # examples in the order of their integer keys, on Beam as well.
+            disable_shuffling=True,
+        )
+
+    # tfds finds a builder's source through the `importlib_resources` backport, which is not
+    # installed on Python >= 3.9; name the file directly (there are no checksums beside it).
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        return epath.Path(sys.modules[cls.__module__].__file__)
+
+    def _record(self) -> dict:
+        """What is saved next to the data, as RECORD_FILENAME (called once the splits are written)."""
+        raise NotImplementedError
+
+    def _download_and_prepare(self, dl_manager, download_config=None):
+        super()._download_and_prepare(dl_manager, download_config)
+        # data_dir is still tfds's temporary directory here: the record is renamed into place
+        # together with the data, so a prepared dataset always has its record.
+        record_path = epath.Path(self.data_dir) / self.RECORD_FILENAME
+        record_path.write_text(json.dumps(self._record(), indent=2, sort_keys=True))
+
+
+def local_download_config(**beam) -> tfds.download.DownloadConfig:
+    """Nothing is downloaded: tfds must not look for a copy on its GCS bucket. `beam`:
+    beam_runner= and beam_options= for a Beam preparation."""
+    return tfds.download.DownloadConfig(try_download_gcs=False, **beam)
+
+
+def prepare(builder_cls: Callable[..., tfds.core.DatasetBuilder], config: tfds.core.BuilderConfig,
+            data_dir: str, download_config: tfds.download.DownloadConfig | None = None
+            ) -> tuple[tfds.core.DatasetBuilder, bool]:
+    """(builder of the prepared dataset, reused): prepares it under data_dir unless an
+    identical preparation is there already."""
+    builder = builder_cls(config=config, data_dir=data_dir, file_format="array_record")
+    reused = builder.is_prepared()
+    if not reused:
+        tfds.disable_progress_bar()  # Progress goes to the log (Progress), not to tqdm bars.
+        try:
+            builder.download_and_prepare(download_config=download_config or local_download_config())
+        except OSError:
+            # Hosts sharing data_dir race to rename their finished copy into place; losing the
+            # race is fine as long as a complete copy is there.
+            if not builder.is_prepared():
+                raise
+        builder = builder_cls(config=config, data_dir=data_dir, file_format="array_record")
+    return builder, reused
+
+
+def read_record(builder: tfds.core.DatasetBuilder, filename: str) -> dict:
+    return json.loads((epath.Path(builder.data_path) / filename).read_text())
+
+
+def log_split_counts(report: dict) -> None:
+    for split, counts in report["splits"].items():
+        logging.info(
+            "%s %s: %d documents read, %d empty dropped, %d duplicates dropped, %d in train dropped,"
+            " %d kept, %d bytes",
+            report["dataset"], split, counts["documents_read"], counts["empty_dropped"],
+            counts["duplicates_dropped"], counts["in_train_dropped"], counts["kept"], counts["bytes"],
+        )
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(count) < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    raise AssertionError("unreachable")
+
+
+@dataclasses.dataclass
+class Progress:
+    """Documents and bytes read by one pass over files of `total_bytes`: a line every
+    `interval_s` (documents/s, bytes/s, ETA from the bytes left) and one at the end.
+
+    `advance` counts a document's bytes; `file_done` snaps the count to the file's size (the
+    separators between documents are not counted), so the ETA does not drift over many files.
+    """
+
+    what: str
+    total_bytes: int
+    interval_s: float = _PROGRESS_INTERVAL_S
+    clock: Callable[[], float] = time.monotonic
+    log: Callable[..., None] = logging.info
+    documents: int = 0
+    done_bytes: int = 0  # Bytes of the files finished.
+    file_bytes: int = 0  # Bytes counted in the file being read.
+
+    def __post_init__(self):
+        self._start = self._last = self.clock()
+
+    @property
+    def bytes(self) -> int:
+        return self.done_bytes + self.file_bytes
+
+    def advance(self, documents: int = 1, nbytes: int = 0) -> None:
+        self.documents += documents
+        self.file_bytes += nbytes
+        if self.clock() - self._last >= self.interval_s:
+            self._report()
+
+    def file_done(self, path: str) -> None:
+        self.done_bytes += os.path.getsize(path)
+        self.file_bytes = 0
+
+    def line(self) -> str:
+        elapsed = max(self.clock() - self._start, 1e-9)
+        done = min(self.bytes, self.total_bytes)
+        rate = done / elapsed
+        eta = format_duration((self.total_bytes - done) / rate) if rate > 0 else "unknown"
+        percent = 100.0 * done / self.total_bytes if self.total_bytes else 100.0
+        return (f"{self.what}: {self.documents} documents, {format_bytes(done)} of "
+                f"{format_bytes(self.total_bytes)} ({percent:.0f}%) in {format_duration(elapsed)}; "
+                f"{self.documents / elapsed:.0f} documents/s, {format_bytes(rate)}/s, ETA {eta}")
+
+    def _report(self) -> None:
+        self._last = self.clock()
+        self.log("%s", self.line())
+
+    def finish(self) -> None:
+        """The last line, unless the pass was quick (under a tenth of the interval) and quiet."""
+        if self._last != self._start or self.clock() - self._start >= self.interval_s / 10:
+            self._report()
+
+
+def plan_progress(plan: documents.SplitPlan, what: str) -> Progress:
+    return Progress(what, sum(os.path.getsize(path) for path in plan.files))

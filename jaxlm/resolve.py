@@ -1,0 +1,54 @@
+"""The config resolved once: everything the data and `init_from` decide, fixed before the model
+is built. The resolved config is what DIR/config.json records and what a resume is checked
+against (once).
+
+    run = resolve_run(config, workdir, mesh)
+    run.config   # model.vocab_size, data.label_names/num_labels, classification.pooling and
+                 # (with init_from) the source's model shapes and tokenizer are all final
+    run.data     # the task's data: tokenizer, train iterator, eval batches
+    run.init_source   # where fresh params come from (None: random init)
+"""
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import ml_collections
+
+from jaxlm import config_checks, pretrained, sharding
+from jaxlm.errors import UserError
+from jaxlm.tasks import get_task
+from jaxlm.tasks.base import Task
+
+
+@dataclasses.dataclass
+class ResolvedRun:
+    config: ml_collections.ConfigDict
+    task: Task
+    data: Any
+    init_source: Optional[pretrained.PretrainedSource]
+
+
+def check_batch_layout(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+    dp = sharding.data_parallel_size(mesh)
+    micro = config.global_batch_size // config.grad_accum_steps
+    if micro % dp:
+        raise UserError(
+            f"global_batch_size={config.global_batch_size} (micro-batch {micro} with grad_accum_steps="
+            f"{config.grad_accum_steps}) is not divisible by the data-parallel size mesh.data x mesh.fsdp = {dp}")
+    if config.global_batch_size % jax.process_count():
+        raise UserError(f"global_batch_size={config.global_batch_size} is not divisible by the "
+                        f"{jax.process_count()} processes")
+
+
+def resolve_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) -> ResolvedRun:
+    """Resolves `config` in place, in the order the facts become known; nothing is written into
+    `workdir` except a tokenizer a fresh run trains (it is the run's own)."""
+    init_source = pretrained.resolve_init_from(config)  # The source's model and tokenizer.
+    config_checks.validate(config)
+    check_batch_layout(config, mesh)
+    task = get_task(config.task)
+    data = task.build_data(config, workdir, jax.process_index(), jax.process_count())
+    task.resolve(config, data)  # Vocab size, classes, pooling.
+    config_checks.check_resumable(workdir, config)
+    return ResolvedRun(config, task, data, init_source)
