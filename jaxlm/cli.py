@@ -45,9 +45,6 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Run `jaxlm COMMAND --help` for a command's flags.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS:
-        if not hasattr(command, "NAME"):  # TEMPORARY until scaling moves to the NAME/add_flags form
-            command.register(subparsers)
-            continue
         sub = common.add_parser(subparsers, command.NAME, help=command.HELP, description=command.DESCRIPTION)
         command.add_flags(sub)
         sub.set_defaults(handler=command.run, needs=command.NEEDS)

@@ -17,6 +17,7 @@ import ml_collections
 
 from jaxlm.errors import UserError
 from jaxlm.models.config import ModelConfig
+from jaxlm.scaling.config import SCALING_FIELDS
 
 _M = ModelConfig()
 
@@ -122,6 +123,7 @@ FIELDS: dict[str, tuple[Any, str]] = {
     "wandb.entity": ("", "W&B entity (team or user)"),
     "wandb.name": ("", "W&B run name ('' = the workdir's name)"),
 }
+FIELDS.update(SCALING_FIELDS)  # `jaxlm scaling`: the size rule and the fit (kept with that code).
 
 
 def base_config() -> ml_collections.ConfigDict:
