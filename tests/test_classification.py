@@ -425,7 +425,7 @@ def test_predict_labels_the_eval_file_as_eval_counts_it(tmp_path, reviews, scrat
     workdir, _ = scratch_run
     out = tmp_path / "predictions.csv"
     assert cli.main(["predict", f"--workdir={workdir}", f"--input={reviews[1]}", f"--output={out}"]) == 0
-    assert f"labelled 61 rows with step 80" in capsys.readouterr().out
+    assert "labelled 61 rows with step 80" in capsys.readouterr().out
     rows, given = read_table(out), read_table(reviews[1])
     assert [r["review"] for r in rows] == [g["review"] for g in given]  # Input columns kept, in order.
     names = ["negative", "positive"]

@@ -2,7 +2,6 @@
 
 import argparse
 
-from jaxlm.commands import common
 from jaxlm.errors import UserError
 
 NAME = "bench"
