@@ -22,6 +22,7 @@ from absl import logging
 
 from jaxlm import io
 from jaxlm.errors import UserError
+from jaxlm.restore import checkpoint_steps
 
 # Fields that describe how to run the model rather than what it is: the run's config keeps them.
 RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")
@@ -118,12 +119,6 @@ def _resolve_huggingface(config: ml_collections.ConfigDict, path: str) -> Pretra
 
 
 # -- another jaxlm run ------------------------------------------------------------------------------
-def latest_checkpoint_step(run_dir: str) -> Optional[int]:
-    directory = io.path(run_dir) / "checkpoints"
-    steps = [int(d) for d in io.list_dir(directory) if d.isdigit() and io.exists(directory / d / "state")]
-    return max(steps, default=None)
-
-
 def restore_params(state_dir: str) -> dict:
     """The `params` of a saved TrainState, as numpy (a partial restore: no optimizer state)."""
     import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
@@ -137,8 +132,8 @@ def restore_params(state_dir: str) -> dict:
 
 
 def _resolve_run(config: ml_collections.ConfigDict, path: str, saved: dict) -> PretrainedSource:
-    step = latest_checkpoint_step(path)
-    if step is None:
+    steps = checkpoint_steps(path)
+    if not steps:
         raise UserError(f"{io.path(path) / 'checkpoints'}: no checkpoint to start from; train that run first "
                         "(or point init_from at another run)")
     # The checkpoint's layout decides scan_layers (HF weights are laid out to order instead).
@@ -149,6 +144,7 @@ def _resolve_run(config: ml_collections.ConfigDict, path: str, saved: dict) -> P
         if not io.is_dir(spec):
             raise UserError(f"{spec}: missing; the run in init_from={path} trained its own tokenizer there")
     config.data.tokenizer = spec
+    step = steps[-1]  # The latest.
     state_dir = os.fspath(io.path(path) / "checkpoints" / str(step) / "state")
     logging.info("init_from %s: a jaxlm %s run, step %d", path, saved.get("task"), step)
     return PretrainedSource("jaxlm", path, lambda _abstract: restore_params(state_dir))

@@ -18,13 +18,11 @@ import ml_collections
 from jaxlm import config_checks, pretrained, sharding
 from jaxlm.errors import UserError
 from jaxlm.tasks import get_task
-from jaxlm.tasks.base import Task
 
 
 @dataclasses.dataclass
 class ResolvedRun:
     config: ml_collections.ConfigDict
-    task: Task
     data: Any
     init_source: Optional[pretrained.PretrainedSource]
 
@@ -51,4 +49,4 @@ def resolve_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
     data = task.build_data(config, workdir, jax.process_index(), jax.process_count())
     task.resolve(config, data)  # Vocab size, classes, pooling.
     config_checks.check_resumable(workdir, config)
-    return ResolvedRun(config, task, data, init_source)
+    return ResolvedRun(config, data, init_source)

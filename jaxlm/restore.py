@@ -25,6 +25,7 @@ from jaxlm import config as config_lib
 from jaxlm import io, sharding
 from jaxlm.best_checkpoint import BEST_DIRNAME, BEST_JSON
 from jaxlm.checkpoint import abstract_with_shardings, checkpoint_dir
+from jaxlm.config_checks import saved_run_config
 from jaxlm.errors import UserError
 
 # Bytes of arrays read per orbax call (a larger array is read alone). Measured on a 124M-param
@@ -44,12 +45,10 @@ def load_run_config(workdir: str, overrides: dict[str, str]) -> ml_collections.C
     restored onto whatever devices are here, not the mesh that wrote it. `--config.mesh.*`
     overrides still apply.
     """
-    path = _path(workdir, "config.json")
-    if not io.exists(path):
-        raise UserError(f"{path} not found: --workdir must be a jaxlm run directory (one `jaxlm train` wrote)")
-    saved = io.read_json(path)
-    if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict) or "task" not in saved:
-        raise UserError(f"{path}: not a jaxlm run config (no task or model section)")
+    saved = saved_run_config(workdir)
+    if not saved:
+        raise UserError(f"{_path(workdir, 'config.json')} not found: --workdir must be a jaxlm run directory "
+                        "(one `jaxlm train` wrote)")
     config = config_lib.base_config()
     config_lib.merge_saved(config, saved)
     config.mesh = config_lib.base_config().mesh

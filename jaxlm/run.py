@@ -32,14 +32,6 @@ class OpenedRun:
     params: Any
     tokenizer: Any
 
-    @property
-    def mesh(self) -> jax.sharding.Mesh:
-        return self.model.mesh
-
-    @property
-    def task(self):
-        return self.model.task
-
 
 @dataclasses.dataclass
 class RunCheckpoint:
