@@ -13,6 +13,7 @@ import json
 import os
 from typing import Optional
 
+from jaxlm import io
 from jaxlm.models.config import ModelConfig
 from jaxlm.scaling.sizes import run_flops_per_token
 
@@ -74,7 +75,5 @@ def check_run(directory: str) -> dict:
     result = {"config_sha256": digest, "analytic_per_step": analytic, "compiled_per_step": compiled,
               "ratio": compiled / analytic, "within_tolerance": abs(compiled / analytic - 1) <= TOLERANCE,
               "tolerance": TOLERANCE, "loops": loops}
-    with open(cache + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-    os.replace(cache + ".tmp", cache)
+    io.write_json_atomic(cache, result)
     return result

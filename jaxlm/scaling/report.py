@@ -12,6 +12,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from jaxlm import io
 from jaxlm.errors import UserError
 from jaxlm.scaling import fit as fit_lib
 from jaxlm.scaling import points as points_lib
@@ -152,11 +153,8 @@ def build(workdir: str, s, points_file: Optional[str] = None, say: Callable[[str
         report["flops_check"] = checks
     from jaxlm.scaling import plots  # pylint: disable=import-outside-toplevel  (matplotlib is heavy)
     report["plots"] = plots.write_all(workdir, report)
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, REPORT_FILE)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-    os.replace(path + ".tmp", path)
+    io.make_dirs(workdir)
+    io.write_json_atomic(os.path.join(workdir, REPORT_FILE), report)
     return report
 
 

@@ -17,6 +17,7 @@ import sys
 import time
 from typing import Optional
 
+from jaxlm import io
 from jaxlm.errors import UserError
 from jaxlm.scaling.progress import SweepProgress
 from jaxlm.scaling.sizes import SIZE_FIELDS, PlannedRun
@@ -109,11 +110,8 @@ def save_sweep(workdir: str, spec: str, forwarded: dict[str, str], runs: list[Pl
     for run in runs:
         sweep["runs"][run.name] = {**run.as_dict(), "config": spec, "forwarded_overrides": dict(forwarded),
                                    "command": command_line(train_args(spec, workdir, run, forwarded))}
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, SWEEP_FILE)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(sweep, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    io.make_dirs(workdir)
+    io.write_json_atomic(os.path.join(workdir, SWEEP_FILE), sweep)
 
 
 # == Running =========================================================================================
