@@ -31,6 +31,7 @@ def get_config(arg: str = ""):
 
     c.data.tfds_name = "c4/en"
     c.data.text_key = "text"
+    c.data.num_workers = 8  # grain processes per host tokenizing its rows' documents while training
     c.data.train_split = "train"
     c.data.eval_split = "validation"
     c.data.tokenizer = "gpt2"  # A hub name or a local directory holding GPT-2's tokenizer files.
@@ -65,6 +66,7 @@ def get_config(arg: str = ""):
         c.log_every, c.eval_every, c.eval_batches, c.checkpoint_every = 5, 10, 2, 10
         c.checkpoint_every_minutes = 0.0
         c.data.tfds_name, c.data.train_file, c.data.tokenizer = "", corpus_path("tiny_shakespeare"), "bpe"
+        c.data.num_workers = 0
         c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.d_ff = 2, 64, 4, 256
         c.model.dtype, c.model.vocab_size = "float32", 0
     return c

@@ -48,6 +48,7 @@ def get_config(arg: str = ""):  # pylint: disable=unused-argument
 
     c.data.tfds_name = "c4/en"
     c.data.text_key = "text"
+    c.data.num_workers = 8  # grain processes per host tokenizing its rows' documents while training
     c.data.train_split = "train"
     c.data.eval_split = "validation"
     c.data.tokenizer = "gpt2"

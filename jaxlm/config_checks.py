@@ -5,6 +5,7 @@ workdir's saved run can be resumed with it. Every failure is a UserError naming 
 from typing import Any
 
 import ml_collections
+from absl import logging
 
 from jaxlm import io
 from jaxlm.config import check_known_fields
@@ -62,6 +63,11 @@ def _validate_task_fields(config: ml_collections.ConfigDict) -> None:
     if config.data.packing == "segmented" and config.task != "causal_lm":
         raise UserError(f"data.packing=segmented packs causal-LM documents; task={config.task} does not "
                         f"pack, so leave data.packing=concat")
+    if config.data.num_workers < 0:
+        raise UserError(f"data.num_workers={config.data.num_workers}: must be 0 (a thread) or positive")
+    if config.data.mixture.strip() and config.task != "causal_lm":
+        raise UserError(f"data.mixture mixes causal-LM sources; task={config.task} reads data.train_file or "
+                        f"data.tfds_name, so clear data.mixture")
     if config.data.file_format not in ("auto", "csv", "tsv", "jsonl"):
         raise UserError(f"data.file_format={config.data.file_format!r}: choose auto, csv, tsv or jsonl")
     mlm = config.mlm
@@ -87,6 +93,19 @@ def saved_run_config(workdir: str) -> dict:
     if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict) or "task" not in saved:
         raise UserError(f"{path}: not a jaxlm run config (no task or model section); use a fresh --workdir")
     return saved
+
+
+def keep_saved_loader(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """A resumed causal-LM run keeps the data.loader it started with (its checkpoints hold that
+    loader's position); runs from before data.loader existed used token_cache."""
+    saved = saved_run_config(workdir)
+    if not saved or config.task != "causal_lm":
+        return
+    loader = saved.get("data", {}).get("loader", "token_cache")
+    if loader != config.data.loader:
+        logging.warning("--workdir=%s started with data.loader=%s; resuming with it (not %s)", workdir, loader,
+                        config.data.loader)
+        config.data.loader = loader
 
 
 def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:

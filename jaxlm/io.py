@@ -33,6 +33,15 @@ PathLike = str | os.PathLike
 MISSING = object()  # read_json's "no default": a missing file is an error.
 
 
+def cache_dir() -> str:
+    """This host's scratch cache: $JAXLM_CACHE_DIR, else jaxlm/ under $XDG_CACHE_HOME or
+    ~/.cache. Only derived data goes here (it can always be rebuilt)."""
+    configured = os.environ.get("JAXLM_CACHE_DIR", "").strip()
+    if configured:
+        return os.path.expanduser(configured)
+    return os.path.join(os.path.expanduser(os.environ.get("XDG_CACHE_HOME", "") or "~/.cache"), "jaxlm")
+
+
 def path(p: PathLike) -> epath.Path:
     """`p` as an epath.Path; a local one '~'-expanded and absolute (a later chdir changes nothing)."""
     text = os.fspath(p)

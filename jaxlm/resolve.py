@@ -45,6 +45,7 @@ def resolve_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
     init_source = pretrained.resolve_init_from(config)  # The source's model and tokenizer.
     config_checks.validate(config)
     check_batch_layout(config, mesh)
+    config_checks.keep_saved_loader(workdir, config)
     task = get_task(config.task)
     data = task.build_data(config, workdir, jax.process_index(), jax.process_count())
     task.resolve(config, data)  # Vocab size, classes, pooling.

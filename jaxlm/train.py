@@ -6,6 +6,7 @@ Nothing is written into the workdir until every check that can fail on user inpu
 (a fresh run's own tokenizer excepted). The step itself lives in `jaxlm.trainer`.
 """
 
+import re
 import signal
 import threading
 import time
@@ -110,6 +111,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         del loaded
     start_step = int(jax.device_get(state.step))
     if start_step >= config.steps:  # Nothing left to train: report the finished run.
+        data.train_iter.close()
         checkpointer.close()
         return finished_run_report(trainer, state.params, data, workdir, start_step)
     best = BestCheckpoint(workdir, config.best_metric, config.best_mode) if config.best_metric else None
@@ -119,6 +121,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     progress = periodic_actions.ReportProgress(num_train_steps=config.steps, every_steps=config.log_every,
                                                writer=metric_writers.LoggingWriter())
     first_batch = next(data.train_iter)
+    first_batch_seconds = time.time() - start_time
     steps = CompiledSteps(trainer)
     steps.compiled_train(sharding.to_global(first_batch, mesh))  # Compiled before the loop's clock starts.
     peak, peak_source = metrics_lib.device_peak_flops()
@@ -148,6 +151,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             pending = step_metrics if pending is None else pending.merge(step_metrics)
             interval_steps += 1
             progress(step)
+            if step == start_step + 1:  # Time to first step: what a bigger corpus must not grow.
+                jax.block_until_ready(state.step)
+                final["seconds_to_first_step"] = time.time() - start_time
+                logging.info("first train step done %.1f s after the start (data ready after %.1f s)",
+                             final["seconds_to_first_step"], first_batch_seconds)
             out_of_time = time_budget_spent(loop_start, step, config)
             last = step == config.steps or out_of_time  # Evaluate and save as at the end.
 
@@ -170,6 +178,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     # The input pipeline's share of step time: how long the loop waited for data.
                     "train/data_wait_fraction": interval_data_wait / elapsed,
                 })
+                scalars.update(source_token_scalars(data.train_iter.tokens_by_source()))
             if (config.eval_every and step % config.eval_every == 0) or last:
                 eval_scalars, report = eval_loop.evaluate(trainer, state.params, data, config.eval_batches)
                 scalars.update(eval_scalars)
@@ -199,17 +208,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 final.update(step=step, time_budget_spent=True, train_loop_seconds=time.monotonic() - loop_start)
                 break
     except TrainingDiverged as e:
+        data.train_iter.close()
         checkpointer.close()
         last = checkpointer.latest_step()
         raise TrainingDiverged(f"{e}; stopped without saving. The last good checkpoint is step {last} "
                                f"in {checkpointer.directory}: lower optim.learning_rate or raise "
                                f"optim.warmup_steps, then rerun to resume from it") from None
+    data.train_iter.close()
     checkpointer.close()
     if best is not None:
         best.close()
     writer.close()
     final["wall_seconds"] = time.time() - start_time
     return final
+
+
+def source_token_scalars(counts: dict[str, int]) -> dict[str, float]:
+    """A mixture's input tokens per source so far: the count on this host (process 0 logs its
+    rows') and the share, which estimates the global one."""
+    total = sum(counts.values())
+    if len(counts) < 2 or not total:
+        return {}
+    out = {}
+    for name, count in counts.items():
+        tag = re.sub(r"[^A-Za-z0-9_./-]+", "_", name)
+        out[f"data/tokens/{tag}"] = count
+        out[f"data/share/{tag}"] = count / total
+    return out
 
 
 def finished_run_report(trainer: Trainer, params, data, workdir: str, step: int) -> dict:

@@ -23,6 +23,13 @@ if _OWN_COMPILE_CACHE:
 
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxlm-test-compile-cache-")
 
+# The per-host scratch cache (file digests, ...) of the session, not the user's.
+_OWN_SCRATCH_CACHE = "JAXLM_CACHE_DIR" not in os.environ
+if _OWN_SCRATCH_CACHE:
+    import tempfile  # noqa: E402
+
+    os.environ["JAXLM_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxlm-test-cache-")
+
 import dataclasses  # noqa: E402
 
 import pytest  # noqa: E402
@@ -91,6 +98,9 @@ def pytest_collection_modifyitems(items):
 
 
 def pytest_unconfigure(config):  # pylint: disable=unused-argument
-    if _OWN_COMPILE_CACHE and not os.environ.get("PYTEST_XDIST_WORKER"):
-        import shutil  # pylint: disable=import-outside-toplevel
-        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # The controlling process removes what the session made.
+    import shutil  # pylint: disable=import-outside-toplevel
+    for own, variable in ((_OWN_COMPILE_CACHE, "JAX_COMPILATION_CACHE_DIR"), (_OWN_SCRATCH_CACHE, "JAXLM_CACHE_DIR")):
+        if own:
+            shutil.rmtree(os.environ[variable], ignore_errors=True)

@@ -6,7 +6,7 @@ import unicodedata
 
 import pytest
 
-from jaxlm.data import documents, text_builder
+from jaxlm.data import builders, text_builder
 from jaxlm.errors import UserError
 
 
@@ -79,7 +79,7 @@ def test_file_split_and_globs_in_sorted_order(tmp_path):
     prepared = prepare(tmp_path, pattern, eval_file=str(tmp_path / "docs" / "z.txt"), doc_split="file")
     assert texts(prepared, "train") == ["ant", "bee\n\nbuzz", "cat"]
     assert texts(prepared, "validation") == ["zebra"]
-    assert documents.resolve_files(f"{pattern}, {tmp_path}/docs/a.txt", "data.train_file") == tuple(
+    assert builders.resolve_files(f"{pattern}, {tmp_path}/docs/a.txt", "data.train_file") == tuple(
         str(tmp_path / "docs" / n) for n in ("a.txt", "b.txt", "c.txt")
     )
 
@@ -152,6 +152,6 @@ def test_empty_file_and_no_documents_left(tmp_path):
 
 def test_resolve_files_drops_repeats_and_rejects_empty_spec(tmp_path):
     path = write(tmp_path / "a.txt", "x\n")
-    assert documents.resolve_files(f"{path},{path}", "data.train_file") == (path,)
+    assert builders.resolve_files(f"{path},{path}", "data.train_file") == (path,)
     with pytest.raises(UserError, match="data.train_file is empty"):
-        documents.resolve_files(" , ", "data.train_file")
+        builders.resolve_files(" , ", "data.train_file")

@@ -13,6 +13,7 @@
 """
 
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -25,16 +26,59 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
+from jaxlm import io
 from jaxlm.data import documents
+from jaxlm.errors import UserError
 
 _PROGRESS_INTERVAL_S = 10.0  # Seconds between two progress lines of one pass.
 
 
+def resolve_files(spec: str | Sequence[str], field: str) -> tuple[str, ...]:
+    """Expands comma-separated paths/globs, in the given order, into absolute file paths.
+
+    A glob's matches are sorted so the order never depends on the filesystem. Every entry must
+    match at least one file; `field` (e.g. 'data.train_file') is named in the error.
+    """
+    patterns = spec.split(",") if isinstance(spec, str) else list(spec)
+    patterns = [p.strip() for p in patterns if p.strip()]
+    if not patterns:
+        raise UserError(f"{field} is empty: set it to a text file, a glob, or comma-separated paths")
+    files: list[str] = []
+    for pattern in patterns:
+        expanded = os.path.expanduser(pattern)
+        if glob.has_magic(expanded):
+            matches = sorted(p for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
+            if not matches:
+                raise UserError(f"{field}: glob {pattern!r} matches no file; fix the pattern")
+        elif os.path.isfile(expanded):
+            matches = [expanded]
+        else:
+            raise UserError(f"{field}: file not found: {pattern}; give an existing text file")
+        for match in matches:
+            absolute = os.path.abspath(match)
+            if absolute not in files:  # A file named twice would silently double its weight.
+                files.append(absolute)
+    return tuple(files)
+
+
 def file_sha256(path: str) -> bytes:
+    """The file's SHA-256, remembered in this host's cache by (path, size, mtime, inode): a
+    restart does not read a large corpus again just to find its preparation."""
+    stat = os.stat(path)
+    stamp = f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ino}"
+    memo = os.path.join(io.cache_dir(), "file_sha256", hashlib.sha256(stamp.encode()).hexdigest())
+    if os.path.isfile(memo):
+        with open(memo) as f:
+            return bytes.fromhex(f.read().strip())
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
+    try:
+        os.makedirs(os.path.dirname(memo), exist_ok=True)
+        io.write_text_atomic(memo, digest.hexdigest())
+    except OSError as e:  # A read-only cache only costs the next start a re-read.
+        logging.warning("could not remember the digest of %s in %s: %s", path, memo, e)
     return digest.digest()
 
 

@@ -25,7 +25,6 @@ from absl import logging
 
 from jaxlm.data import example_loader, labeled_builder, labels, sources
 from jaxlm.data import tokenizer as tokenizer_lib
-from jaxlm.data.lm_data import run_tokenizer
 from jaxlm.errors import UserError
 
 CACHE_DIRNAME = "jaxlm_example_cache"
@@ -155,11 +154,7 @@ def tfds_corpus(data_config, data_dir: str) -> LabeledCorpus:
 
 
 def load_labeled_corpus(data_config, data_dir: str) -> LabeledCorpus:
-    if (data_config.get("train_file", "") or "").strip():
-        return files_corpus(data_config, data_dir)
-    if (data_config.get("tfds_name", "") or "").strip():
-        return tfds_corpus(data_config, data_dir)
-    raise UserError("data.train_file and data.tfds_name are both empty; set one of them")
+    return sources.from_files_or_tfds(data_config, data_dir, files_corpus, tfds_corpus)
 
 
 # -- tokenization ---------------------------------------------------------------------------------
@@ -299,8 +294,7 @@ def build_classification_data(config, workdir: str, process_index: int = 0,
     """
     data_config = config.data
     max_len = config.seq_len
-    data_dir = (data_config.get("data_dir", "") or "").strip()
-    data_dir = os.path.expanduser(data_dir) if data_dir else sources.default_data_dir()
+    data_dir = sources.data_dir_of(data_config)
     corpus = load_labeled_corpus(data_config, data_dir)
     num_labels = len(corpus.label_names)
     if len(corpus.train.labels) < config.global_batch_size or not len(corpus.eval.labels):
@@ -313,7 +307,8 @@ def build_classification_data(config, workdir: str, process_index: int = 0,
     weights_by_class = class_weights(config.classification.get("class_weights", ""),
                                      np.asarray(counts["train"], np.float64))
     positive = labels.positive_index(corpus.label_names, config.classification.get("positive_label", ""))
-    tokenizer = run_tokenizer(data_config, corpus.train.texts + [p for p in corpus.train.pairs if p], workdir)
+    tokenizer = tokenizer_lib.run_tokenizer(
+        data_config, [(corpus.train.texts + [p for p in corpus.train.pairs if p], 1.0)], workdir)
     pad = tokenizer_lib.pad_id(tokenizer)
     encode = functools.partial(cached_encode, tokenizer, max_len=max_len, pad_id=pad, with_pairs=corpus.has_pairs,
                                data_dir=data_dir, dataset_id=corpus.dataset_id)

@@ -5,43 +5,13 @@ the same order, which is what lets a prepared dataset be identified by a content
 """
 
 import dataclasses
-import glob
 import hashlib
-import os
 import unicodedata
 from collections.abc import Iterator, Sequence
 
 from jaxlm.errors import UserError
 
 DOC_SPLITS = ("blank_line", "line", "file")
-
-
-def resolve_files(spec: str | Sequence[str], field: str) -> tuple[str, ...]:
-    """Expands comma-separated paths/globs, in the given order, into absolute file paths.
-
-    A glob's matches are sorted so the order never depends on the filesystem. Every entry must
-    match at least one file; `field` (e.g. 'data.train_file') is named in the error.
-    """
-    patterns = spec.split(",") if isinstance(spec, str) else list(spec)
-    patterns = [p.strip() for p in patterns if p.strip()]
-    if not patterns:
-        raise UserError(f"{field} is empty: set it to a text file, a glob, or comma-separated paths")
-    files: list[str] = []
-    for pattern in patterns:
-        expanded = os.path.expanduser(pattern)
-        if glob.has_magic(expanded):
-            matches = sorted(p for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
-            if not matches:
-                raise UserError(f"{field}: glob {pattern!r} matches no file; fix the pattern")
-        elif os.path.isfile(expanded):
-            matches = [expanded]
-        else:
-            raise UserError(f"{field}: file not found: {pattern}; give an existing text file")
-        for match in matches:
-            absolute = os.path.abspath(match)
-            if absolute not in files:  # A file named twice would silently double its weight.
-                files.append(absolute)
-    return tuple(files)
 
 
 def check_doc_split(doc_split: str) -> None:

@@ -16,6 +16,7 @@ fits its longest example), so short examples are not padded to the maximum lengt
 """
 
 import functools
+import gc
 import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -102,6 +103,20 @@ class TrainIterator(grain.DatasetIterator):
                 " original data and batch settings, or start a new workdir"
             )
         self._parent.set_state(state["pipeline"])
+
+    def tokens_by_source(self) -> dict[str, int]:
+        """Input tokens each source supplied to this host so far ({}: the loader does not count)."""
+        return {}
+
+    def close(self) -> None:
+        """Stops prefetch threads and worker processes (at the end of training)."""
+        if not self._parents:
+            return
+        self._parent.close()
+        # Collect the pipeline now: grain iterators left for interpreter shutdown print
+        # "Exception ignored in __del__" tracebacks once their modules are torn down.
+        self._parents = ()
+        gc.collect()
 
     def __str__(self) -> str:
         return f"TrainIterator({self._layout})"

@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from jaxlm.data import builders, documents, labels, table_files
+from jaxlm.data import builders, labels, table_files
 from jaxlm.errors import UserError
 
 TEXT = "text"
@@ -103,9 +103,9 @@ def _content_hash(config: LabeledFilesConfig) -> str:
 
 def make_labeled_files_config(data_config) -> LabeledFilesConfig:
     """Resolves the files, reads every row once (all checks) and names the config by content."""
-    train_files = documents.resolve_files(data_config.train_file, "data.train_file")
+    train_files = builders.resolve_files(data_config.train_file, "data.train_file")
     eval_spec = (data_config.get("eval_file", "") or "").strip()
-    eval_files = documents.resolve_files(eval_spec, "data.eval_file") if eval_spec else ()
+    eval_files = builders.resolve_files(eval_spec, "data.eval_file") if eval_spec else ()
     eval_fraction = float(data_config.get("eval_fraction", 0.1))
     if not eval_files and not 0.0 < eval_fraction < 1.0:
         raise UserError(f"data.eval_fraction={eval_fraction} must be in (0, 1), or set data.eval_file")
@@ -154,7 +154,7 @@ def read_eval_files(data_config, label_names: tuple[str, ...],
     names are looked up in label_names.
     """
     spec = (data_config.get("eval_file", "") or "").strip()
-    eval_files = documents.resolve_files(spec, "data.eval_file")
+    eval_files = builders.resolve_files(spec, "data.eval_file")
     config = LabeledFilesConfig(
         name="eval_only", eval_files=eval_files, file_format=data_config.get("file_format", "auto") or "auto",
         text_column=(data_config.get("text_column", "text") or "").strip(),

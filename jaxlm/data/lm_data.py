@@ -1,131 +1,138 @@
-"""Everything the causal-LM training loop needs from the data config, in one call."""
+"""Everything the causal-LM training loop needs from the data config, in one call.
 
-import dataclasses
+Train batches come from one of two loaders (data.loader, fixed at a run's first start):
+- `stream` (default): each host tokenizes only its own rows' documents while training runs, in
+  grain worker processes (`streams`); sources may be a weighted mixture;
+- `token_cache`: the whole train split tokenized into one array on disk first, windows shuffled
+  globally (`lm_loader`); the loader of runs started before the stream loader existed.
+Eval batches are exact and deterministic either way: the eval split (of every source, in order)
+tokenized once into a token cache when the first evaluation asks for it.
+"""
+
 import functools
-import os
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import Iterator
+from typing import Optional
 
+import numpy as np
 from absl import logging
 
-from jaxlm.data import lm_loader, sources, token_cache
+from jaxlm.data import lm_loader, sources, streams, token_cache
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.errors import UserError
 
-# The run's own BPE is trained on at most this much of the train split (a deterministic
-# prefix): enough for a good vocabulary, and bounded time on very large corpora.
-BPE_TRAINING_MAX_BYTES = 512 << 20
+LOADERS = ("stream", "token_cache")
 
 
-@dataclasses.dataclass(frozen=True)
+class _EvalTokens:
+    """The eval token stream, built on first use (so it costs nothing before the first step)."""
+
+    def __init__(self, corpora: list[sources.WeightedCorpus], tokenizer, data_dir: str):
+        self._corpora, self._tokenizer, self._data_dir = corpora, tokenizer, data_dir
+
+    @functools.cached_property
+    def splits(self) -> list[token_cache.TokenSplit]:
+        return [token_cache.cached_token_split(c.corpus.eval, self._tokenizer, data_dir=self._data_dir,
+                                               dataset_id=c.corpus.dataset_id) for c in self._corpora]
+
+    @functools.cached_property
+    def tokens(self) -> np.ndarray:
+        parts = [s.tokens for s in self.splits]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)  # Eval splits are small.
+
+    @property
+    def tokens_per_byte(self) -> float:
+        targets = max(len(self.tokens) - 1, 0)  # Every token but the first is predicted once.
+        return targets / max(sum(s.num_bytes for s in self.splits), 1)
+
+
 class LMData:
-    tokenizer: Any  # transformers tokenizer
-    vocab_size: int  # len(tokenizer), special tokens included
-    eos_id: int
-    pad_id: int
-    train_iter: lm_loader.TrainIterator  # next() -> this host's batch; get_state()/set_state()
-    eval_batches: Callable[[], Iterator[lm_loader.Batch]]  # A fresh pass over the eval split.
-    eval_tokens_per_byte: float  # Eval targets per UTF-8 byte: bpb = mean_loss * this / ln 2.
-    num_eval_batches: int
-    prep_report: dict  # Cleaning counts per split ({} for tfds datasets).
-    num_train_windows: int  # Examples per epoch.
-    host_batch_size: int  # Rows per host batch.
+    """Tokenizer, this host's train iterator and the exact eval batches of a causal-LM run."""
+
+    def __init__(self, tokenizer, train_iter, eval_tokens: _EvalTokens, *, seq_len: int, global_batch_size: int,
+                 process_index: int, process_count: int, segment_eos: Optional[int], prep_report: dict):
+        self.tokenizer = tokenizer
+        self.vocab_size = len(tokenizer)  # Special tokens included.
+        self.eos_id = tokenizer_lib.eos_id(tokenizer)
+        self.pad_id = tokenizer_lib.pad_id(tokenizer)
+        self.train_iter = train_iter  # next() -> this host's batch; get_state()/set_state().
+        self.prep_report = prep_report  # Cleaning counts per source and split ({} for tfds datasets).
+        self._eval = eval_tokens
+        self._eval_args = dict(seq_len=seq_len, global_batch_size=global_batch_size, pad_id=self.pad_id,
+                               process_index=process_index, process_count=process_count, eos_id=segment_eos)
+        _, self.host_batch_size = lm_loader.host_rows(global_batch_size, process_index, process_count)
+
+    def eval_batches(self) -> Iterator[lm_loader.Batch]:
+        """A fresh pass over the eval split (tokenized on the first call)."""
+        return lm_loader.eval_batches(self._eval.tokens, **self._eval_args)
+
+    @property
+    def eval_tokens_per_byte(self) -> float:
+        """Eval targets per UTF-8 byte: bits per byte = mean loss * this / ln 2."""
+        return self._eval.tokens_per_byte
+
+    @property
+    def num_eval_batches(self) -> int:
+        return lm_loader.num_eval_batches(len(self._eval.tokens), self._eval_args["seq_len"],
+                                          self._eval_args["global_batch_size"])
 
 
-def _bounded_texts(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
-    total = 0
-    for text in texts:
-        yield text
-        total += len(text.encode("utf-8"))
-        if total >= max_bytes:
-            logging.info("Training the BPE tokenizer on the first %d bytes of the train split", total)
-            return
+def _stream_iterator(corpora, tokenizer, data_config, *, seq_len, global_batch_size, seed, process_index,
+                     process_count, segment_eos, fingerprint) -> streams.StreamTrainIterator:
+    for c in corpora:
+        if not len(c.corpus.train):
+            raise UserError(f"{c.name}: its train split has no documents; give it text or drop it")
+    spec = streams.StreamSpec(
+        sources=tuple(streams.StreamSource(c.name, c.corpus.train, c.weight) for c in corpora),
+        tokenizer=tokenizer, seq_len=seq_len, global_batch_size=global_batch_size, seed=seed,
+        eos_id=tokenizer_lib.eos_id(tokenizer))
+    layout = {
+        "loader": "stream", "seq_len": seq_len, "global_batch_size": global_batch_size, "seed": seed,
+        "packing": data_config.get("packing", "concat"), "tokenizer": fingerprint[:16],
+        "sources": [[c.corpus.dataset_id, c.corpus.train.name, len(c.corpus.train), c.weight] for c in corpora],
+    }
+    return streams.make_train_iterator(
+        spec, process_index=process_index, process_count=process_count,
+        num_workers=int(data_config.get("num_workers", 0) or 0), prefetch=int(data_config.get("prefetch", 2)),
+        layout=layout, segment_eos=segment_eos)
 
 
-def run_tokenizer(data_config, train_texts: Iterable[str], workdir: str, mask_token: bool = False):
-    """The tokenizer data.tokenizer names; 'bpe' is trained on train_texts at the run's first start
-    (with a mask token when `mask_token`)."""
-    spec = (data_config.get("tokenizer", tokenizer_lib.BPE_SPEC) or "").strip()
-    directory = tokenizer_lib.workdir_tokenizer_dir(workdir)
-    if spec == tokenizer_lib.BPE_SPEC and not os.path.isdir(directory):
-        vocab_size = int(data_config.get("bpe_vocab_size", 1024))
-        texts = _bounded_texts(train_texts, BPE_TRAINING_MAX_BYTES)
-        tokenizer_lib.train_bpe_tokenizer(texts, vocab_size, directory, mask_token=mask_token)
-    tokenizer = tokenizer_lib.load_tokenizer(spec, workdir)
-    requested = int(data_config.get("bpe_vocab_size", len(tokenizer)))
-    if spec == tokenizer_lib.BPE_SPEC and len(tokenizer) != requested:
-        # Small corpora run out of merges; resumed runs keep the tokenizer they started with.
-        logging.warning(
-            "The run's BPE tokenizer has %d tokens (data.bpe_vocab_size=%d)", len(tokenizer), requested
-        )
-    return tokenizer
+def _cached_iterator(corpora, tokenizer, data_config, data_dir, *, seq_len, global_batch_size, seed,
+                     process_index, process_count, segment_eos, fingerprint) -> lm_loader.TrainIterator:
+    if len(corpora) > 1:
+        raise UserError("data.loader=token_cache reads one source; use data.loader=stream for data.mixture")
+    corpus = corpora[0].corpus
+    train = token_cache.cached_token_split(corpus.train, tokenizer, data_dir=data_dir, dataset_id=corpus.dataset_id)
+    return lm_loader.make_train_iterator(
+        train.tokens, seq_len=seq_len, global_batch_size=global_batch_size, seed=seed,
+        process_index=process_index, process_count=process_count, prefetch=int(data_config.get("prefetch", 2)),
+        data_id=f"{corpus.dataset_id}/{corpus.train.name}/{fingerprint[:16]}", eos_id=segment_eos)
 
 
-def build_lm_data(
-    data_config,
-    *,
-    seq_len: int,
-    global_batch_size: int,
-    seed: int,
-    workdir: str,
-    process_index: int = 0,
-    process_count: int = 1,
-) -> LMData:
-    """Prepares (or reuses) the dataset, tokenizer and token caches, and returns the loaders.
+def build_lm_data(data_config, *, seq_len: int, global_batch_size: int, seed: int, workdir: str,
+                  process_index: int = 0, process_count: int = 1) -> LMData:
+    """Prepares (or reuses) the datasets and the tokenizer, and returns the loaders.
 
     `data_config` is the `data` ConfigDict. Every host runs this; shared files are written
     atomically, so data_dir and workdir may be shared or local.
     """
     if seq_len <= 0:
         raise UserError(f"seq_len={seq_len} must be positive")
-    data_dir = (data_config.get("data_dir", "") or "").strip()
-    data_dir = os.path.expanduser(data_dir) if data_dir else sources.default_data_dir()
-    corpus = sources.load_corpus(data_config, data_dir)
-    tokenizer = run_tokenizer(data_config, corpus.train, workdir)
-    fingerprint = tokenizer_lib.fingerprint(tokenizer)
-    cache = functools.partial(
-        token_cache.cached_token_split,
-        tokenizer=tokenizer,
-        data_dir=data_dir,
-        dataset_id=corpus.dataset_id,
-    )
-    train, evaluation = cache(corpus.train), cache(corpus.eval)
-    pad, eos = tokenizer_lib.pad_id(tokenizer), tokenizer_lib.eos_id(tokenizer)
+    loader = data_config.get("loader", "stream")
+    if loader not in LOADERS:
+        raise UserError(f"data.loader={loader!r} is invalid; use one of {', '.join(LOADERS)}")
+    data_dir = sources.data_dir_of(data_config)
+    corpora = sources.load_sources(data_config, data_dir)
+    tokenizer = tokenizer_lib.run_tokenizer(data_config, [(c.corpus.train, c.weight) for c in corpora], workdir)
     # Segmented packing: batches carry segment ids (a new one at each EOS); concat: none.
-    segment_eos = eos if data_config.get("packing", "concat") == "segmented" else None
-    train_iter = lm_loader.make_train_iterator(
-        train.tokens,
-        seq_len=seq_len,
-        global_batch_size=global_batch_size,
-        seed=seed,
-        process_index=process_index,
-        process_count=process_count,
-        prefetch=int(data_config.get("prefetch", 2)),
-        data_id=f"{corpus.dataset_id}/{corpus.train.name}/{fingerprint[:16]}",
-        eos_id=segment_eos,
-    )
-    _, rows = lm_loader.host_rows(global_batch_size, process_index, process_count)
-    eval_batches = functools.partial(
-        lm_loader.eval_batches,
-        evaluation.tokens,
-        seq_len=seq_len,
-        global_batch_size=global_batch_size,
-        pad_id=pad,
-        process_index=process_index,
-        process_count=process_count,
-        eos_id=segment_eos,
-    )
-    eval_targets = max(evaluation.num_tokens - 1, 0)  # Every token but the first is predicted once.
-    return LMData(
-        tokenizer=tokenizer,
-        vocab_size=len(tokenizer),
-        eos_id=eos,
-        pad_id=pad,
-        train_iter=train_iter,
-        eval_batches=eval_batches,
-        eval_tokens_per_byte=eval_targets / max(evaluation.num_bytes, 1),
-        num_eval_batches=lm_loader.num_eval_batches(evaluation.num_tokens, seq_len, global_batch_size),
-        prep_report=corpus.prep_report,
-        num_train_windows=lm_loader.num_train_windows(train.num_tokens, seq_len),
-        host_batch_size=rows,
-    )
+    segment_eos = tokenizer_lib.eos_id(tokenizer) if data_config.get("packing", "concat") == "segmented" else None
+    make = _stream_iterator if loader == "stream" else functools.partial(_cached_iterator, data_dir=data_dir)
+    train_iter = make(corpora, tokenizer, data_config, seq_len=seq_len, global_batch_size=global_batch_size,
+                      seed=seed, process_index=process_index, process_count=process_count,
+                      segment_eos=segment_eos, fingerprint=tokenizer_lib.fingerprint(tokenizer))
+    logging.info("causal-LM data: %s loader, sources %s", loader,
+                 ", ".join(f"{c.name} ({len(c.corpus.train)} train documents, weight {c.weight:g})" for c in corpora))
+    report = corpora[0].corpus.prep_report if len(corpora) == 1 else {c.name: c.corpus.prep_report for c in corpora}
+    return LMData(tokenizer, train_iter, _EvalTokens(corpora, tokenizer, data_dir), seq_len=seq_len,
+                  global_batch_size=global_batch_size, process_index=process_index, process_count=process_count,
+                  segment_eos=segment_eos, prep_report=report)
+

@@ -54,18 +54,9 @@ def _train_rows(tokens: np.ndarray, seq_len: int, window_ids: np.ndarray, eos_id
     }, eos_id)
 
 
-def make_train_iterator(
-    tokens: np.ndarray,
-    *,
-    seq_len: int,
-    global_batch_size: int,
-    seed: int,
-    process_index: int = 0,
-    process_count: int = 1,
-    prefetch: int = 2,
-    data_id: str = "",
-    eos_id: Optional[int] = None,
-) -> TrainIterator:
+def make_train_iterator(tokens: np.ndarray, *, seq_len: int, global_batch_size: int, seed: int,
+                        process_index: int = 0, process_count: int = 1, prefetch: int = 2, data_id: str = "",
+                        eos_id: Optional[int] = None) -> TrainIterator:
     """An infinite iterator over this host's rows of the global train batches.
 
     `tokens` is the train token stream (a memmap; only this host's windows are read).
@@ -124,16 +115,8 @@ def _eval_row(
     return inputs, targets, weights
 
 
-def eval_batches(
-    tokens: np.ndarray,
-    *,
-    seq_len: int,
-    global_batch_size: int,
-    pad_id: int,
-    process_index: int = 0,
-    process_count: int = 1,
-    eos_id: Optional[int] = None,
-) -> Iterator[Batch]:
+def eval_batches(tokens: np.ndarray, *, seq_len: int, global_batch_size: int, pad_id: int,
+                 process_index: int = 0, process_count: int = 1, eos_id: Optional[int] = None) -> Iterator[Batch]:
     """This host's rows of the eval batches, covering every eval target exactly once.
 
     Windows run over the stream in order; the last partial window is padded (weight 0), and the

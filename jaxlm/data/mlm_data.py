@@ -13,7 +13,6 @@ tokens), weights [B, L] (1 where a token is predicted).
 
 import dataclasses
 import functools
-import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -21,7 +20,6 @@ import numpy as np
 
 from jaxlm.data import example_loader, masking, sources, token_cache
 from jaxlm.data import tokenizer as tokenizer_lib
-from jaxlm.data.lm_data import run_tokenizer
 from jaxlm.errors import UserError
 
 _EVAL_STREAM = 2**32 - 1  # Masks of eval rows come from their own stream, fixed across evaluations.
@@ -72,10 +70,9 @@ class _Windows:
 
 def build_mlm_data(config, workdir: str, process_index: int = 0, process_count: int = 1) -> MLMData:
     data_config, seq_len = config.data, config.seq_len
-    data_dir = (data_config.get("data_dir", "") or "").strip()
-    data_dir = os.path.expanduser(data_dir) if data_dir else sources.default_data_dir()
+    data_dir = sources.data_dir_of(data_config)
     corpus = sources.load_corpus(data_config, data_dir)
-    tokenizer = run_tokenizer(data_config, corpus.train, workdir, mask_token=True)
+    tokenizer = tokenizer_lib.run_tokenizer(data_config, [(corpus.train, 1.0)], workdir, mask_token=True)
     if tokenizer.mask_token_id is None:
         raise UserError(f"data.tokenizer={data_config.tokenizer}: has no mask token, which masked_lm needs; use "
                         "'bpe' (a run's own BPE reserves one) or a BERT-style tokenizer")

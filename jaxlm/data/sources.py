@@ -4,10 +4,11 @@ Each source gives a `TextCorpus`: two random-access text splits plus a stable da
 names the token cache). New kinds of sources only need to produce a `TextCorpus`.
 """
 
+import copy
 import dataclasses
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import tensorflow_datasets as tfds
@@ -31,9 +32,15 @@ class TextSplit:
 
     def read(self, start: int, stop: int) -> list[str]:
         """Texts of records [start, stop)."""
-        indices = list(range(start, min(stop, len(self))))
-        get_many = getattr(self._source, "__getitems__", None)  # One batched read when offered.
-        records = get_many(indices) if get_many else [self._source[i] for i in indices]
+        return self.texts(range(start, min(stop, len(self))))
+
+    def __getitem__(self, index: int) -> str:
+        return self.texts([index])[0]
+
+    def texts(self, indices: Sequence[int]) -> list[str]:
+        """Texts of the records at `indices` (any order)."""
+        get_many = getattr(self._source, "__getitems__", None)
+        records = get_many(list(indices)) if get_many else [self._source[i] for i in indices]
         return [_as_str(record[self._text_key]) for record in records]
 
     def batches(self, batch_size: int = _READ_BATCH) -> Iterator[list[str]]:
@@ -70,8 +77,8 @@ def data_dir_of(data_config) -> str:
 
 def text_files_corpus(data_config, data_dir: str) -> TextCorpus:
     """`data.train_file` (+ `data.eval_file`): prepared once into data_dir, then reused."""
-    config = text_builder.config_from_data(data_config)
-    prepared = text_builder.prepare_text_dataset(config, data_dir)
+    prepared = text_builder.prepare_from_data(data_config, data_dir)
+    config = prepared.builder.builder_config
     def split(name: str) -> TextSplit:
         return TextSplit(prepared.builder.as_data_source(name), text_builder.TEXT_FEATURE, name)
 
@@ -151,9 +158,70 @@ def tfds_corpus(data_config, data_dir: str) -> TextCorpus:
     )
 
 
-def load_corpus(data_config, data_dir: str) -> TextCorpus:
+def from_files_or_tfds(data_config, data_dir: str, files: Callable, tfds_name: Callable):
+    """`files(data_config, data_dir)` when data.train_file is set, else `tfds_name(...)` when
+    data.tfds_name is: the one rule every task's source follows."""
     if (data_config.get("train_file", "") or "").strip():
-        return text_files_corpus(data_config, data_dir)
+        return files(data_config, data_dir)
     if (data_config.get("tfds_name", "") or "").strip():
-        return tfds_corpus(data_config, data_dir)
+        return tfds_name(data_config, data_dir)
     raise UserError("data.train_file and data.tfds_name are both empty; set one of them")
+
+
+def load_corpus(data_config, data_dir: str) -> TextCorpus:
+    return from_files_or_tfds(data_config, data_dir, text_files_corpus, tfds_corpus)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightedCorpus:
+    name: str  # The mixture entry without its weight (or the single source's dataset id).
+    weight: float
+    corpus: TextCorpus
+
+
+_MIXTURE_PREFIXES = ("tfds:", "file:")
+
+
+def parse_mixture(spec: str) -> list[tuple[str, str, float]]:
+    """data.mixture -> [(kind 'tfds'|'file', name or path/glob, weight)].
+
+    Entries are separated by commas before a `tfds:` or `file:` prefix (so a file list inside an
+    entry may hold commas); `@WEIGHT` ends an entry (default 1)."""
+    entries = [e.strip() for e in re.split(r",\s*(?=(?:tfds|file):)", spec.strip()) if e.strip()]
+    parsed = []
+    for entry in entries:
+        body, weight = entry, 1.0
+        if "@" in entry:
+            head, tail = entry.rsplit("@", 1)
+            try:
+                body, weight = head.strip(), float(tail)
+            except ValueError:
+                pass  # An @ inside a path: no weight given.
+        if not body.startswith(_MIXTURE_PREFIXES) or not body.split(":", 1)[1].strip():
+            raise UserError(f"data.mixture entry {entry!r}: write tfds:NAME@WEIGHT or file:PATH_OR_GLOB@WEIGHT")
+        if not weight > 0:
+            raise UserError(f"data.mixture entry {entry!r}: the weight must be positive")
+        kind, name = body.split(":", 1)
+        parsed.append((kind, name.strip(), weight))
+    if not parsed:
+        raise UserError("data.mixture is empty; list weighted sources or clear it")
+    return parsed
+
+
+def load_sources(data_config, data_dir: str) -> list[WeightedCorpus]:
+    """The corpora to train on: data.mixture's entries, or the single data.train_file/tfds_name."""
+    spec = (data_config.get("mixture", "") or "").strip()
+    if not spec:
+        corpus = load_corpus(data_config, data_dir)
+        return [WeightedCorpus(corpus.dataset_id, 1.0, corpus)]
+    if any((data_config.get(f, "") or "").strip() for f in ("train_file", "tfds_name")):
+        raise UserError("data.mixture is set together with data.train_file or data.tfds_name; clear those "
+                        "(--config.data.train_file= --config.data.tfds_name=) or data.mixture")
+    out = []
+    for kind, name, weight in parse_mixture(spec):
+        entry = copy.deepcopy(data_config)
+        with entry.ignore_type():
+            entry.train_file, entry.tfds_name = (name, "") if kind == "file" else ("", name)
+            entry.eval_file = ""  # Each file source holds out data.eval_fraction of its own text.
+        out.append(WeightedCorpus(f"{kind}:{name}", weight, load_corpus(entry, data_dir)))
+    return out

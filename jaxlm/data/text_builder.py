@@ -52,8 +52,8 @@ def make_text_files_config(
 ) -> TextFilesConfig:
     """Validates the options, resolves the files and names the config by their content hash."""
     documents.check_doc_split(doc_split)
-    train_files = documents.resolve_files(train_file, "data.train_file")
-    eval_files = documents.resolve_files(eval_file, "data.eval_file") if eval_file.strip() else ()
+    train_files = builders.resolve_files(train_file, "data.train_file")
+    eval_files = builders.resolve_files(eval_file, "data.eval_file") if eval_file.strip() else ()
     if not eval_files and not 0.0 < eval_fraction < 1.0:
         raise UserError(f"data.eval_fraction={eval_fraction} must be in (0, 1), or set data.eval_file")
     content_hash = _content_hash(train_files, eval_files, eval_fraction, doc_split)
@@ -207,3 +207,9 @@ def prepare_text_dataset(config: TextFilesConfig, data_dir: str, builder_cls=Non
     logging.info("%s dataset %s in %s", action, report["dataset"], builder.data_path)
     builders.log_split_counts(report)
     return PreparedText(builder=builder, report=report, reused=reused)
+
+
+def prepare_from_data(data_config, data_dir: str) -> PreparedText:
+    """`data.train_file` (+ eval_file, eval_fraction, doc_split) prepared under data_dir, or the
+    identical preparation found there."""
+    return prepare_text_dataset(config_from_data(data_config), data_dir)

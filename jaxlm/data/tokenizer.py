@@ -5,11 +5,12 @@ hub name. Remote code is never trusted.
 """
 
 import hashlib
+import math
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import transformers
 from absl import logging
@@ -205,3 +206,47 @@ class BatchEncoder:
             return self._tokenizer(list(texts), add_special_tokens=False)["input_ids"]
         encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
         return [encoding.ids for encoding in encode(list(texts), add_special_tokens=False)]
+
+
+def bpe_training_sample(splits: Sequence[tuple[Sequence[str], float]], max_bytes: int) -> Iterator[str]:
+    """Documents to train the run's BPE on: each split's share (by weight) of `max_bytes`, read
+    at an even stride over the split so a large corpus is sampled throughout, not at its start.
+    A split that fits its share is read whole, in order.
+
+    `splits`: (random-access texts, weight) pairs; bounded time whatever the corpus size.
+    """
+    total_weight = sum(weight for _, weight in splits) or 1.0
+    for texts, weight in splits:
+        budget = max_bytes * weight / total_weight
+        head = [texts[i] for i in range(min(len(texts), 64))]
+        mean_bytes = max(sum(len(t.encode("utf-8")) for t in head) / max(len(head), 1), 1.0)
+        stride = max(1, math.ceil(len(texts) * mean_bytes / budget))
+        used = 0
+        for index in range(0, len(texts), stride):
+            text = texts[index]
+            yield text
+            used += len(text.encode("utf-8"))
+            if used >= budget:
+                break
+        if stride > 1 or used >= budget:
+            logging.info("The BPE tokenizer trains on %d bytes of a %d-document split (every %d-th document)",
+                         used, len(texts), stride)
+
+
+def run_tokenizer(data_config, train_texts: Sequence[tuple[Sequence[str], float]], workdir: str,
+                  mask_token: bool = False) -> transformers.PreTrainedTokenizerBase:
+    """The tokenizer data.tokenizer names. 'bpe' is the run's own: trained at its first start on a
+    sample of `train_texts` ((texts, weight) pairs, see bpe_training_sample), with a mask token
+    when `mask_token`, and kept in the workdir."""
+    spec = (data_config.get("tokenizer", BPE_SPEC) or "").strip()
+    directory = workdir_tokenizer_dir(workdir)
+    if spec == BPE_SPEC and not os.path.isdir(directory):
+        vocab_size = int(data_config.get("bpe_vocab_size", 1024))
+        max_bytes = int(float(data_config.get("bpe_sample_mb", 8)) * (1 << 20))
+        train_bpe_tokenizer(bpe_training_sample(train_texts, max_bytes), vocab_size, directory, mask_token)
+    tokenizer = load_tokenizer(spec, workdir)
+    requested = int(data_config.get("bpe_vocab_size", len(tokenizer)))
+    if spec == BPE_SPEC and len(tokenizer) != requested:
+        # Small corpora run out of merges; resumed runs keep the tokenizer they started with.
+        logging.warning("The run's BPE tokenizer has %d tokens (data.bpe_vocab_size=%d)", len(tokenizer), requested)
+    return tokenizer

@@ -1,0 +1,264 @@
+"""Causal-LM train rows packed from document streams, tokenized while training runs.
+
+Row r of every global train batch (r < G, the global batch size) is fed by stream r. Stream r
+reads documents D[r], D[r + G], D[r + 2G], ... of a source's infinite document order D (grain's
+global index shuffle, a fresh permutation in every epoch, computed per index: no permutation
+array), tokenizes them, and concatenates them with an EOS after each. Its b-th row is tokens
+[b*L, b*L + L + 1) of that concatenation (inputs = row[:-1], targets = row[1:]), so a document
+longer than a row continues in the stream's next row.
+
+A mixture: the k-th document of stream r comes from source s, drawn with the sources' weights
+by a generator fixed by (seed, r, k); it is that source's next document for the stream.
+
+Hence:
+- host h of n reads and tokenizes only the streams of its own rows; the global batches are the
+  same for any number of hosts and of worker processes (workers only split the streams);
+- nothing before the first batch grows with the corpus: a stream reads a few documents ahead;
+- a stream's position is (documents started, picks per source, offset into the current
+  document): the iterator state in a checkpoint resumes at the exact next row.
+"""
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import grain
+import grain.experimental
+import grain.multiprocessing
+import numpy as np
+from absl import flags
+
+from jaxlm.data import example_loader
+from jaxlm.data import tokenizer as tokenizer_lib
+
+# Documents a stream reads (and tokenizes in one call) when its buffer runs short.
+READ_AHEAD_DOCUMENTS = 8
+# Mixture draws come in blocks of this many documents per generator (cheaper than one each).
+_DRAW_BLOCK = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamSource:
+    """One source of documents: a random-access text split (`sources.TextSplit`) and its weight."""
+
+    name: str
+    texts: Any  # sources.TextSplit: len() and texts(indices).
+    weight: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamSpec:
+    """What every stream of a run shares (pickled into each worker process)."""
+
+    sources: tuple[StreamSource, ...]
+    tokenizer: Any
+    seq_len: int
+    global_batch_size: int
+    seed: int
+    eos_id: int
+
+    def document_orders(self) -> list[grain.MapDataset]:
+        """Per source, D[q] for q = 0, 1, ...: its document ids, shuffled afresh in each epoch."""
+        return [grain.MapDataset.range(len(s.texts)).shuffle(seed=_source_seed(self.seed, i)).repeat()
+                for i, s in enumerate(self.sources)]
+
+
+def _source_seed(seed: int, source: int) -> int:
+    # Hashed (as example_loader.shuffle_seed): grain seeds epoch e with seed + e, and sources or
+    # runs with neighbouring seeds must not share shifted permutations.
+    return int(np.random.SeedSequence([seed % 2**63, source, 0x5EED]).generate_state(1)[0])
+
+
+class _Stream:
+    """One stream: its documents' tokens, concatenated, cut into rows of seq_len + 1."""
+
+    def __init__(self, spec: StreamSpec, orders: list[grain.MapDataset], encode, row: int):
+        self._spec, self._orders, self._encode, self._row = spec, orders, encode, row
+        self._weights = np.cumsum([s.weight for s in spec.sources], dtype=np.float64)
+        self._weights /= self._weights[-1]
+        self.set_state({"documents": 0, "picks": [0] * len(spec.sources), "offset": 0})
+
+    # Position of the next row: document `documents` of the stream (picks: documents taken from
+    # each source before it), `offset` tokens into it.
+    def get_state(self) -> dict:
+        return {"documents": self._documents, "picks": list(self._picks), "offset": self._offset}
+
+    def set_state(self, state: dict) -> None:
+        self._documents, self._picks, self._offset = state["documents"], list(state["picks"]), state["offset"]
+        self._buffer: list[tuple[np.ndarray, int]] = []  # (tokens + EOS, source) from `documents` on.
+        self._read_documents, self._read_picks = self._documents, list(self._picks)
+        self._draws: tuple[int, np.ndarray] = (-1, np.empty(0))
+
+    def _source_of(self, document: int) -> int:
+        if len(self._spec.sources) == 1:
+            return 0
+        block = document // _DRAW_BLOCK
+        if self._draws[0] != block:
+            rng = np.random.default_rng([self._spec.seed % 2**63, self._row, block])
+            self._draws = (block, rng.random(_DRAW_BLOCK))
+        return int(np.searchsorted(self._weights, self._draws[1][document % _DRAW_BLOCK], side="right"))
+
+    def _read_more(self) -> None:
+        """Reads and tokenizes the stream's next READ_AHEAD_DOCUMENTS documents."""
+        picked: list[tuple[int, int]] = []  # (source, document id)
+        g = self._spec.global_batch_size
+        for _ in range(READ_AHEAD_DOCUMENTS):
+            source = self._source_of(self._read_documents)
+            position = self._row + self._read_picks[source] * g
+            picked.append((source, int(self._orders[source][position])))
+            self._read_picks[source] += 1
+            self._read_documents += 1
+        texts: list[str] = [""] * len(picked)
+        for source in sorted({s for s, _ in picked}):
+            slots = [i for i, (s, _) in enumerate(picked) if s == source]
+            for slot, text in zip(slots, self._spec.sources[source].texts.texts([picked[i][1] for i in slots])):
+                texts[slot] = text
+        eos = self._spec.eos_id
+        for (source, _), ids in zip(picked, self._encode(texts)):
+            self._buffer.append((np.asarray([*ids, eos], np.int32), source))
+
+    def next_row(self) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens [seq_len + 1], input tokens per source [S]) of the stream's next row."""
+        need = self._spec.seq_len + 1
+        row = np.empty(need, np.int32)
+        per_source = np.zeros(len(self._spec.sources), np.int32)
+        filled, index, offset = 0, 0, self._offset
+        while filled < need:
+            while index >= len(self._buffer):
+                self._read_more()
+            tokens, source = self._buffer[index]
+            take = min(need - filled, len(tokens) - offset)
+            row[filled:filled + take] = tokens[offset:offset + take]
+            # Inputs only (the last token opens the next row), so each token counts once.
+            per_source[source] += max(0, min(filled + take, need - 1) - filled)
+            filled += take
+            offset += take
+            if offset == len(tokens):
+                index, offset = index + 1, 0
+        self._advance(self._spec.seq_len)  # The next row starts at this row's last token.
+        return row, per_source
+
+    def _advance(self, count: int) -> None:
+        while count:
+            tokens, source = self._buffer[0]
+            step = min(count, len(tokens) - self._offset)
+            self._offset += step
+            count -= step
+            if self._offset == len(tokens):
+                self._buffer.pop(0)
+                self._documents += 1
+                self._picks[source] += 1
+                self._offset = 0
+
+
+class StreamRows(grain.IterDataset):
+    """The rows of streams `rows` (this host's rows of the global batch), one at a time in
+    round-robin order: row r0 of batch 0, r1 of batch 0, ..., r0 of batch 1, ...
+
+    Under `mp_prefetch`, worker w of W receives streams[w::W] (grain calls `set_slice`) and grain
+    interleaves the workers round-robin, which restores this order when W divides len(rows).
+    """
+
+    def __init__(self, spec: StreamSpec, rows: Sequence[int]):
+        super().__init__()
+        self._spec, self._rows = spec, tuple(rows)
+
+    def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+        del sequential_slice  # Streams are independent: any slice is the same work.
+        self._rows = self._rows[sl]
+
+    def __iter__(self) -> "_StreamRowsIterator":
+        return _StreamRowsIterator(self._spec, self._rows)
+
+    def __str__(self) -> str:
+        return f"StreamRows({len(self._rows)} streams, seq_len={self._spec.seq_len})"
+
+
+class _StreamRowsIterator(grain.DatasetIterator):
+    def __init__(self, spec: StreamSpec, rows: tuple[int, ...]):
+        super().__init__()
+        orders = spec.document_orders()
+        encode = tokenizer_lib.BatchEncoder(spec.tokenizer)
+        self._streams = [_Stream(spec, orders, encode, row) for row in rows]
+        self._next = 0
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        tokens, per_source = self._streams[self._next].next_row()
+        self._next = (self._next + 1) % len(self._streams)
+        return {"tokens": tokens, "source_tokens": per_source}
+
+    def get_state(self) -> dict:
+        return {"next": self._next, "streams": [s.get_state() for s in self._streams]}
+
+    def set_state(self, state: dict) -> None:
+        for stream, saved in zip(self._streams, state["streams"], strict=True):
+            stream.set_state(saved)
+        self._next = state["next"]
+
+
+def worker_count(requested: int, rows: int) -> int:
+    """The largest number of worker processes <= requested that divides this host's rows (so the
+    round-robin interleave of the workers gives the rows in order)."""
+    return max((w for w in range(1, max(requested, 0) + 1) if rows % w == 0), default=0)
+
+
+class StreamTrainIterator(example_loader.TrainIterator):
+    """TrainIterator whose batches also count the input tokens each source supplied (on this
+    host); the counts are part of the state, so they survive a resume."""
+
+    def __init__(self, parent: grain.DatasetIterator, layout: dict[str, Any], source_names: Sequence[str]):
+        super().__init__(parent, layout)
+        self.source_names = tuple(source_names)
+        self._source_tokens = np.zeros(len(self.source_names), np.int64)
+
+    def __next__(self) -> example_loader.Batch:
+        batch = next(self._parent)
+        self._source_tokens += batch.pop("source_tokens").sum(axis=0)
+        return batch
+
+    def tokens_by_source(self) -> dict[str, int]:
+        return dict(zip(self.source_names, self._source_tokens.tolist()))
+
+    def get_state(self) -> dict[str, Any]:
+        return {**super().get_state(), "source_tokens": self._source_tokens.tolist()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        super().set_state(state)
+        self._source_tokens = np.asarray(state.get("source_tokens", [0] * len(self.source_names)), np.int64)
+
+
+def _to_batch(rows: dict[str, np.ndarray], segment_eos: Optional[int]) -> example_loader.Batch:
+    tokens = rows["tokens"]
+    batch = {
+        "inputs": np.ascontiguousarray(tokens[:, :-1]),
+        "targets": np.ascontiguousarray(tokens[:, 1:]),
+        "weights": np.ones(tokens[:, 1:].shape, np.float32),
+        "source_tokens": rows["source_tokens"],
+    }
+    if segment_eos is not None:  # A new segment at every EOS, as lm_loader.segment_ids.
+        batch["segment_ids"] = np.cumsum(batch["inputs"] == segment_eos, axis=-1, dtype=np.int32)
+    return batch
+
+
+def make_train_iterator(spec: StreamSpec, *, process_index: int, process_count: int, num_workers: int,
+                        prefetch: int, layout: dict[str, Any], segment_eos: Optional[int]) -> StreamTrainIterator:
+    """This host's rows of the global train batches, forever: streams tokenized in
+    `num_workers` grain worker processes (0: in this process, prefetched by a thread)."""
+    first_row, rows = example_loader.host_rows(spec.global_batch_size, process_index, process_count)
+    dataset: grain.IterDataset = StreamRows(spec, range(first_row, first_row + rows))
+    workers = worker_count(num_workers, rows)
+    if workers:
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; jaxlm's CLI is argparse.
+            flags.FLAGS.mark_as_parsed()
+        # Each worker holds whole rows for `prefetch` batches ahead.
+        options = grain.multiprocessing.MultiprocessingOptions(
+            num_workers=workers, per_worker_buffer_size=max(1, prefetch) * rows // workers)
+        dataset = dataset.mp_prefetch(options)
+    dataset = dataset.batch(rows, drop_remainder=True)
+    dataset = dataset.map(lambda batch: _to_batch(batch, segment_eos))
+    if not workers and prefetch > 0:
+        dataset = grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=prefetch)
+    # The batches do not depend on the worker count, but grain's saved position does (one state
+    # per worker): a resume with another data.num_workers is refused by the layout check.
+    layout = {**layout, "num_workers": workers}
+    return StreamTrainIterator(iter(dataset), layout, [s.name for s in spec.sources])
