@@ -96,10 +96,10 @@ def saved_run_config(workdir: str) -> dict:
 
 
 def keep_saved_loader(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """A resumed causal-LM run keeps the data.loader it started with (its checkpoints hold that
-    loader's position); runs from before data.loader existed used token_cache."""
+    """A resumed LM run keeps the data.loader it started with (its checkpoints hold that loader's
+    position); runs from before data.loader existed used token_cache."""
     saved = saved_run_config(workdir)
-    if not saved or config.task != "causal_lm":
+    if not saved or config.task not in ("causal_lm", "masked_lm"):
         return
     loader = saved.get("data", {}).get("loader", "token_cache")
     if loader != config.data.loader:

@@ -156,6 +156,13 @@ def test_progress_lines_give_rates_and_eta():
     assert lines[-1] == ("cleaning train: 2000 documents, 4.0 MB of 4.0 MB (100%) in 0:20; 100 documents/s, "
                          "200.0 KB/s, ETA 0:00")
     assert builders.format_duration(3725) == "1:02:05"
+    # Tokenizing a split: the byte total is unknown, the document count gives the ETA.
+    by_documents = builders.Progress("tokenizing validation", 0, total_documents=4000, interval_s=10.0,
+                                     clock=lambda: now[0], log=lambda fmt, line: lines.append(line))
+    now[0] += 10.0
+    by_documents.advance(1000, 500_000)
+    assert lines[-1] == ("tokenizing validation: 1000 documents, 500.0 KB (25%) in 0:10; 100 documents/s, "
+                         "50.0 KB/s, ETA 0:30")
 
 
 def test_prepare_command_for_classification_files(tmp_path, capsys):

@@ -204,7 +204,8 @@ class Progress:
     """
 
     what: str
-    total_bytes: int
+    total_bytes: int  # 0: unknown; the ETA then comes from total_documents.
+    total_documents: int = 0
     interval_s: float = _PROGRESS_INTERVAL_S
     clock: Callable[[], float] = time.monotonic
     log: Callable[..., None] = logging.info
@@ -231,13 +232,18 @@ class Progress:
 
     def line(self) -> str:
         elapsed = max(self.clock() - self._start, 1e-9)
-        done = min(self.bytes, self.total_bytes)
+        if self.total_bytes:
+            done, total = min(self.bytes, self.total_bytes), self.total_bytes
+            amount = f"{format_bytes(done)} of {format_bytes(total)}"
+        else:
+            done, total = min(self.documents, self.total_documents), self.total_documents
+            amount = format_bytes(self.bytes)
         rate = done / elapsed
-        eta = format_duration((self.total_bytes - done) / rate) if rate > 0 else "unknown"
-        percent = 100.0 * done / self.total_bytes if self.total_bytes else 100.0
-        return (f"{self.what}: {self.documents} documents, {format_bytes(done)} of "
-                f"{format_bytes(self.total_bytes)} ({percent:.0f}%) in {format_duration(elapsed)}; "
-                f"{self.documents / elapsed:.0f} documents/s, {format_bytes(rate)}/s, ETA {eta}")
+        eta = format_duration((total - done) / rate) if rate > 0 else "unknown"
+        percent = 100.0 * done / total if total else 100.0
+        return (f"{self.what}: {self.documents} documents, {amount} ({percent:.0f}%) in "
+                f"{format_duration(elapsed)}; {self.documents / elapsed:.0f} documents/s, "
+                f"{format_bytes(self.bytes / elapsed)}/s, ETA {eta}")
 
     def _report(self) -> None:
         self._last = self.clock()

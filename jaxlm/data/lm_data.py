@@ -83,17 +83,17 @@ def _stream_iterator(corpora, tokenizer, data_config, *, seq_len, global_batch_s
             raise UserError(f"{c.name}: its train split has no documents; give it text or drop it")
     spec = streams.StreamSpec(
         sources=tuple(streams.StreamSource(c.name, c.corpus.train, c.weight) for c in corpora),
-        tokenizer=tokenizer, seq_len=seq_len, global_batch_size=global_batch_size, seed=seed,
-        eos_id=tokenizer_lib.eos_id(tokenizer))
+        tokenizer=tokenizer, row_tokens=seq_len + 1, row_stride=seq_len, global_batch_size=global_batch_size,
+        seed=seed, eos_id=tokenizer_lib.eos_id(tokenizer))
     layout = {
         "loader": "stream", "seq_len": seq_len, "global_batch_size": global_batch_size, "seed": seed,
         "packing": data_config.get("packing", "concat"), "tokenizer": fingerprint[:16],
         "sources": [[c.corpus.dataset_id, c.corpus.train.name, len(c.corpus.train), c.weight] for c in corpora],
     }
     return streams.make_train_iterator(
-        spec, process_index=process_index, process_count=process_count,
-        num_workers=int(data_config.get("num_workers", 0) or 0), prefetch=int(data_config.get("prefetch", 2)),
-        layout=layout, segment_eos=segment_eos)
+        spec, functools.partial(streams.causal_lm_batch, segment_eos=segment_eos), process_index=process_index,
+        process_count=process_count, num_workers=int(data_config.get("num_workers", 0) or 0),
+        prefetch=int(data_config.get("prefetch", 2)), layout=layout)
 
 
 def _cached_iterator(corpora, tokenizer, data_config, data_dir, *, seq_len, global_batch_size, seed,

@@ -4,8 +4,9 @@ Row r of every global train batch (r < G, the global batch size) is fed by strea
 reads documents D[r], D[r + G], D[r + 2G], ... of a source's infinite document order D (grain's
 global index shuffle, a fresh permutation in every epoch, computed per index: no permutation
 array), tokenizes them, and concatenates them with an EOS after each. Its b-th row is tokens
-[b*L, b*L + L + 1) of that concatenation (inputs = row[:-1], targets = row[1:]), so a document
-longer than a row continues in the stream's next row.
+[b*S, b*S + T) of that concatenation, so a document longer than a row continues in the stream's
+next row. Causal LM: T = L + 1, S = L (inputs = row[:-1], targets = row[1:]); masked LM: T = S =
+the window inside [CLS] ... [SEP].
 
 A mixture: the k-th document of stream r comes from source s, drawn with the sources' weights
 by a generator fixed by (seed, r, k); it is that source's next document for the stream.
@@ -19,7 +20,7 @@ Hence:
 """
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import grain
@@ -52,10 +53,11 @@ class StreamSpec:
 
     sources: tuple[StreamSource, ...]
     tokenizer: Any
-    seq_len: int
+    row_tokens: int  # Tokens per row: seq_len + 1 for causal LM (targets shift by one).
+    row_stride: int  # Where the next row starts: seq_len for causal LM (one token shared).
     global_batch_size: int
     seed: int
-    eos_id: int
+    eos_id: int  # After every document.
 
     def document_orders(self) -> list[grain.MapDataset]:
         """Per source, D[q] for q = 0, 1, ...: its document ids, shuffled afresh in each epoch."""
@@ -70,20 +72,21 @@ def _source_seed(seed: int, source: int) -> int:
 
 
 class _Stream:
-    """One stream: its documents' tokens, concatenated, cut into rows of seq_len + 1."""
+    """One stream: its documents' tokens, concatenated, cut into rows of row_tokens."""
 
     def __init__(self, spec: StreamSpec, orders: list[grain.MapDataset], encode, row: int):
-        self._spec, self._orders, self._encode, self._row = spec, orders, encode, row
+        self._spec, self._orders, self._encode, self.row = spec, orders, encode, row
         self._weights = np.cumsum([s.weight for s in spec.sources], dtype=np.float64)
         self._weights /= self._weights[-1]
-        self.set_state({"documents": 0, "picks": [0] * len(spec.sources), "offset": 0})
+        self.set_state({"rows": 0, "documents": 0, "picks": [0] * len(spec.sources), "offset": 0})
 
-    # Position of the next row: document `documents` of the stream (picks: documents taken from
-    # each source before it), `offset` tokens into it.
+    # Position of the next row (number `rows` of the stream): document `documents` of the stream
+    # (picks: documents taken from each source before it), `offset` tokens into it.
     def get_state(self) -> dict:
-        return {"documents": self._documents, "picks": list(self._picks), "offset": self._offset}
+        return {"rows": self.rows, "documents": self._documents, "picks": list(self._picks), "offset": self._offset}
 
     def set_state(self, state: dict) -> None:
+        self.rows = state["rows"]
         self._documents, self._picks, self._offset = state["documents"], list(state["picks"]), state["offset"]
         self._buffer: list[tuple[np.ndarray, int]] = []  # (tokens + EOS, source) from `documents` on.
         self._read_documents, self._read_picks = self._documents, list(self._picks)
@@ -94,7 +97,7 @@ class _Stream:
             return 0
         block = document // _DRAW_BLOCK
         if self._draws[0] != block:
-            rng = np.random.default_rng([self._spec.seed % 2**63, self._row, block])
+            rng = np.random.default_rng([self._spec.seed % 2**63, self.row, block])
             self._draws = (block, rng.random(_DRAW_BLOCK))
         return int(np.searchsorted(self._weights, self._draws[1][document % _DRAW_BLOCK], side="right"))
 
@@ -104,7 +107,7 @@ class _Stream:
         g = self._spec.global_batch_size
         for _ in range(READ_AHEAD_DOCUMENTS):
             source = self._source_of(self._read_documents)
-            position = self._row + self._read_picks[source] * g
+            position = self.row + self._read_picks[source] * g
             picked.append((source, int(self._orders[source][position])))
             self._read_picks[source] += 1
             self._read_documents += 1
@@ -118,8 +121,8 @@ class _Stream:
             self._buffer.append((np.asarray([*ids, eos], np.int32), source))
 
     def next_row(self) -> tuple[np.ndarray, np.ndarray]:
-        """(tokens [seq_len + 1], input tokens per source [S]) of the stream's next row."""
-        need = self._spec.seq_len + 1
+        """(tokens [row_tokens], tokens per source [S] of the first row_stride) of the next row."""
+        need, stride = self._spec.row_tokens, self._spec.row_stride
         row = np.empty(need, np.int32)
         per_source = np.zeros(len(self._spec.sources), np.int32)
         filled, index, offset = 0, 0, self._offset
@@ -129,13 +132,14 @@ class _Stream:
             tokens, source = self._buffer[index]
             take = min(need - filled, len(tokens) - offset)
             row[filled:filled + take] = tokens[offset:offset + take]
-            # Inputs only (the last token opens the next row), so each token counts once.
-            per_source[source] += max(0, min(filled + take, need - 1) - filled)
+            # The first row_stride tokens only (the rest open the next row): each counts once.
+            per_source[source] += max(0, min(filled + take, stride) - filled)
             filled += take
             offset += take
             if offset == len(tokens):
                 index, offset = index + 1, 0
-        self._advance(self._spec.seq_len)  # The next row starts at this row's last token.
+        self._advance(stride)
+        self.rows += 1
         return row, per_source
 
     def _advance(self, count: int) -> None:
@@ -161,17 +165,17 @@ class StreamRows(grain.IterDataset):
 
     def __init__(self, spec: StreamSpec, rows: Sequence[int]):
         super().__init__()
-        self._spec, self._rows = spec, tuple(rows)
+        self._spec, self.rows = spec, tuple(rows)
 
     def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
         del sequential_slice  # Streams are independent: any slice is the same work.
-        self._rows = self._rows[sl]
+        self.rows = self.rows[sl]
 
     def __iter__(self) -> "_StreamRowsIterator":
-        return _StreamRowsIterator(self._spec, self._rows)
+        return _StreamRowsIterator(self._spec, self.rows)
 
     def __str__(self) -> str:
-        return f"StreamRows({len(self._rows)} streams, seq_len={self._spec.seq_len})"
+        return f"StreamRows({len(self.rows)} streams of {self._spec.row_tokens}-token rows)"
 
 
 class _StreamRowsIterator(grain.DatasetIterator):
@@ -183,9 +187,12 @@ class _StreamRowsIterator(grain.DatasetIterator):
         self._next = 0
 
     def __next__(self) -> dict[str, np.ndarray]:
-        tokens, per_source = self._streams[self._next].next_row()
+        stream = self._streams[self._next]
+        batch = stream.rows  # The global batch this row belongs to.
+        tokens, per_source = stream.next_row()
         self._next = (self._next + 1) % len(self._streams)
-        return {"tokens": tokens, "source_tokens": per_source}
+        return {"tokens": tokens, "source_tokens": per_source, "row": np.int64(stream.row),
+                "batch": np.int64(batch)}
 
     def get_state(self) -> dict:
         return {"next": self._next, "streams": [s.get_state() for s in self._streams]}
@@ -227,23 +234,29 @@ class StreamTrainIterator(example_loader.TrainIterator):
         self._source_tokens = np.asarray(state.get("source_tokens", [0] * len(self.source_names)), np.int64)
 
 
-def _to_batch(rows: dict[str, np.ndarray], segment_eos: Optional[int]) -> example_loader.Batch:
+def causal_lm_batch(rows: dict[str, np.ndarray], segment_eos: Optional[int] = None) -> example_loader.Batch:
+    """Host rows (tokens [B, L + 1]) -> inputs, targets, weights (+ segment_ids when segmented)."""
     tokens = rows["tokens"]
     batch = {
         "inputs": np.ascontiguousarray(tokens[:, :-1]),
         "targets": np.ascontiguousarray(tokens[:, 1:]),
         "weights": np.ones(tokens[:, 1:].shape, np.float32),
-        "source_tokens": rows["source_tokens"],
     }
     if segment_eos is not None:  # A new segment at every EOS, as lm_loader.segment_ids.
         batch["segment_ids"] = np.cumsum(batch["inputs"] == segment_eos, axis=-1, dtype=np.int32)
     return batch
 
 
-def make_train_iterator(spec: StreamSpec, *, process_index: int, process_count: int, num_workers: int,
-                        prefetch: int, layout: dict[str, Any], segment_eos: Optional[int]) -> StreamTrainIterator:
+RowsToBatch = Callable[[dict[str, np.ndarray]], example_loader.Batch]
+
+
+def make_train_iterator(spec: StreamSpec, to_batch: RowsToBatch, *, process_index: int, process_count: int,
+                        num_workers: int, prefetch: int, layout: dict[str, Any]) -> StreamTrainIterator:
     """This host's rows of the global train batches, forever: streams tokenized in
-    `num_workers` grain worker processes (0: in this process, prefetched by a thread)."""
+    `num_workers` grain worker processes (0: in this process, prefetched by a thread).
+
+    `to_batch` turns the host's rows ({"tokens" [B, row_tokens], "row" [B] (global row = stream),
+    "batch" [B] (global batch index)}) into the task's batch, in this process."""
     first_row, rows = example_loader.host_rows(spec.global_batch_size, process_index, process_count)
     dataset: grain.IterDataset = StreamRows(spec, range(first_row, first_row + rows))
     workers = worker_count(num_workers, rows)
@@ -255,7 +268,7 @@ def make_train_iterator(spec: StreamSpec, *, process_index: int, process_count: 
             num_workers=workers, per_worker_buffer_size=max(1, prefetch) * rows // workers)
         dataset = dataset.mp_prefetch(options)
     dataset = dataset.batch(rows, drop_remainder=True)
-    dataset = dataset.map(lambda batch: _to_batch(batch, segment_eos))
+    dataset = dataset.map(lambda rows: {**to_batch(rows), "source_tokens": rows["source_tokens"]})
     if not workers and prefetch > 0:
         dataset = grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=prefetch)
     # The batches do not depend on the worker count, but grain's saved position does (one state

@@ -11,7 +11,6 @@ import hashlib
 import os
 import re
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 
@@ -19,6 +18,7 @@ import numpy as np
 from absl import logging
 
 from jaxlm import io
+from jaxlm.data import builders
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.data.sources import TextSplit
 from jaxlm.errors import UserError
@@ -26,7 +26,6 @@ from jaxlm.errors import UserError
 CACHE_DIRNAME = "jaxlm_token_cache"
 _ENCODE_BATCH = 1024  # Documents per fast-tokenizer batch call.
 _COPY_CHUNK = 1 << 24  # Tokens per copy step when building the .npy.
-_LOG_EVERY_S = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,26 +55,6 @@ def cache_paths(
     return stem + ".npy", stem + ".json"
 
 
-class _Progress:
-    """Logs tokenization progress at most every few seconds."""
-
-    def __init__(self, label: str, total_documents: int):
-        self._label = label
-        self._total = total_documents
-        self._start = self._last = time.monotonic()
-
-    def update(self, documents: int, tokens: int, num_bytes: int, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._last < _LOG_EVERY_S:
-            return
-        self._last = now
-        elapsed = max(now - self._start, 1e-9)
-        logging.info(
-            "Tokenizing %s: %d/%d documents, %d tokens, %.1f MB/s",
-            self._label, documents, self._total, tokens, num_bytes / elapsed / 1e6,
-        )
-
-
 def _encoded_batches(
     texts: TextSplit, encode: tokenizer_lib.BatchEncoder, eos: int
 ) -> Iterator[tuple[list[int], int, int]]:
@@ -94,7 +73,7 @@ def _write_cache(texts: TextSplit, tokenizer, npy_path: str, json_path: str, lab
     eos = tokenizer_lib.eos_id(tokenizer)
     directory = os.path.dirname(npy_path)
     os.makedirs(directory, exist_ok=True)
-    progress = _Progress(label, len(texts))
+    progress = builders.Progress(f"tokenizing {label}", 0, total_documents=len(texts))
     documents = tokens = num_bytes = 0
     # Token counts are unknown up front: stream raw ids to a scratch file, then build the .npy.
     raw_fd, raw_path = tempfile.mkstemp(prefix=".raw-", suffix=".tmp", dir=directory)  # Private scratch.
@@ -107,8 +86,8 @@ def _write_cache(texts: TextSplit, tokenizer, npy_path: str, json_path: str, lab
                 documents += batch_documents
                 tokens += len(flat)
                 num_bytes += batch_bytes
-                progress.update(documents, tokens, num_bytes)
-        progress.update(documents, tokens, num_bytes, force=True)
+                progress.advance(batch_documents, batch_bytes)
+        progress.finish()
         source = np.memmap(raw_path, dtype=dtype, mode="r", shape=(tokens,))
         target = np.lib.format.open_memmap(npy_tmp, mode="w+", dtype=dtype, shape=(tokens,))
         for start in range(0, tokens, _COPY_CHUNK):
