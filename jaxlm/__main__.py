@@ -4,4 +4,6 @@ import sys
 
 from jaxlm.cli import main
 
-sys.exit(main())
+# Guarded: grain's worker processes (data.num_workers) start by re-importing the main module.
+if __name__ == "__main__":
+    sys.exit(main())

@@ -20,6 +20,7 @@ Hence:
 """
 
 import dataclasses
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
@@ -28,6 +29,7 @@ import grain.experimental
 import grain.multiprocessing
 import numpy as np
 from absl import flags
+from absl import logging as absl_logging
 
 from jaxlm.data import example_loader
 from jaxlm.data import tokenizer as tokenizer_lib
@@ -250,6 +252,14 @@ def causal_lm_batch(rows: dict[str, np.ndarray], segment_eos: Optional[int] = No
 RowsToBatch = Callable[[dict[str, np.ndarray]], example_loader.Batch]
 
 
+def _quiet_worker(worker_index: int, worker_count: int) -> None:
+    """In each grain worker: libraries' records below ERROR (tfds re-opening the dataset, ...)
+    are dropped, not printed to the user's console (the trainer's log file is process 0's)."""
+    del worker_index, worker_count
+    logging.getLogger().setLevel(logging.ERROR)
+    absl_logging.set_verbosity(absl_logging.ERROR)
+
+
 def make_train_iterator(spec: StreamSpec, to_batch: RowsToBatch, *, process_index: int, process_count: int,
                         num_workers: int, prefetch: int, layout: dict[str, Any]) -> StreamTrainIterator:
     """This host's rows of the global train batches, forever: streams tokenized in
@@ -266,7 +276,7 @@ def make_train_iterator(spec: StreamSpec, to_batch: RowsToBatch, *, process_inde
         # Each worker holds whole rows for `prefetch` batches ahead.
         options = grain.multiprocessing.MultiprocessingOptions(
             num_workers=workers, per_worker_buffer_size=max(1, prefetch) * rows // workers)
-        dataset = dataset.mp_prefetch(options)
+        dataset = dataset.mp_prefetch(options, worker_init_fn=_quiet_worker)
     dataset = dataset.batch(rows, drop_remainder=True)
     dataset = dataset.map(lambda rows: {**to_batch(rows), "source_tokens": rows["source_tokens"]})
     if not workers and prefetch > 0:
