@@ -96,7 +96,7 @@ FIELDS: dict[str, tuple[Any, str]] = {
     "data.bpe_vocab_size": (1024, "vocabulary size of the trained BPE"),
     "data.bpe_sample_mb": (8, "MiB of train text the BPE trains on, sampled evenly over the corpus"),
     "data.mixture": ("", "causal_lm: weighted sources instead of train_file/tfds_name, e.g. "
-                     "'tfds:wiki40b/en@0.7, file:/data/code/*.txt@0.3'"),
+                     "'tfds:wiki40b/en@0.7, file:/data/code/*.txt@0.3' (weights pick documents)"),
     "data.loader": ("stream", "causal_lm, masked_lm: stream (each host tokenizes its rows' documents while training) | "
                     "token_cache (tokenize the whole split first; a resumed run keeps the loader it started with)"),
     "data.num_workers": (0, "stream loader: grain worker processes tokenizing (0: a thread in the trainer)"),

@@ -6,6 +6,7 @@ names the token cache). New kinds of sources only need to produce a `TextCorpus`
 
 import copy
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -199,8 +200,8 @@ def parse_mixture(spec: str) -> list[tuple[str, str, float]]:
                 pass  # An @ inside a path: no weight given.
         if not body.startswith(_MIXTURE_PREFIXES) or not body.split(":", 1)[1].strip():
             raise UserError(f"data.mixture entry {entry!r}: write tfds:NAME@WEIGHT or file:PATH_OR_GLOB@WEIGHT")
-        if not weight > 0:
-            raise UserError(f"data.mixture entry {entry!r}: the weight must be positive")
+        if not (math.isfinite(weight) and weight > 0):
+            raise UserError(f"data.mixture entry {entry!r}: the weight must be a positive number")
         kind, name = body.split(":", 1)
         parsed.append((kind, name.strip(), weight))
     if not parsed:
@@ -223,5 +224,9 @@ def load_sources(data_config, data_dir: str) -> list[WeightedCorpus]:
         with entry.ignore_type():
             entry.train_file, entry.tfds_name = (name, "") if kind == "file" else ("", name)
             entry.eval_file = ""  # Each file source holds out data.eval_fraction of its own text.
-        out.append(WeightedCorpus(f"{kind}:{name}", weight, load_corpus(entry, data_dir)))
+        try:
+            corpus = load_corpus(entry, data_dir)
+        except UserError as e:  # Its message names the field the entry stands for.
+            raise UserError(f"data.mixture entry {kind}:{name}: {e}") from None
+        out.append(WeightedCorpus(f"{kind}:{name}", weight, corpus))
     return out

@@ -21,6 +21,9 @@ Hence:
 
 import dataclasses
 import logging
+import os
+import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
@@ -38,6 +41,7 @@ from jaxlm.data import tokenizer as tokenizer_lib
 READ_AHEAD_DOCUMENTS = 8
 # Mixture draws come in blocks of this many documents per generator (cheaper than one each).
 _DRAW_BLOCK = 256
+_PARENT_POLL_S = 1.0  # How often a worker checks that the trainer is still alive.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,12 +256,22 @@ def causal_lm_batch(rows: dict[str, np.ndarray], segment_eos: Optional[int] = No
 RowsToBatch = Callable[[dict[str, np.ndarray]], example_loader.Batch]
 
 
-def _quiet_worker(worker_index: int, worker_count: int) -> None:
+def _exit_with_parent(parent: int) -> None:
+    while True:
+        time.sleep(_PARENT_POLL_S)
+        if os.getppid() != parent:  # Re-parented: the trainer is gone (kill -9 included).
+            os._exit(1)
+
+
+def _worker_setup(worker_index: int, worker_count: int) -> None:
     """In each grain worker: libraries' records below ERROR (tfds re-opening the dataset, ...)
-    are dropped, not printed to the user's console (the trainer's log file is process 0's)."""
+    are dropped, not printed to the user's console (the trainer's log file is process 0's); and
+    the worker ends when the trainer dies (grain's workers wait for a stop that a killed trainer
+    never sends)."""
     del worker_index, worker_count
     logging.getLogger().setLevel(logging.ERROR)
     absl_logging.set_verbosity(absl_logging.ERROR)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
 
 
 def make_train_iterator(spec: StreamSpec, to_batch: RowsToBatch, *, process_index: int, process_count: int,
@@ -276,7 +290,7 @@ def make_train_iterator(spec: StreamSpec, to_batch: RowsToBatch, *, process_inde
         # Each worker holds whole rows for `prefetch` batches ahead.
         options = grain.multiprocessing.MultiprocessingOptions(
             num_workers=workers, per_worker_buffer_size=max(1, prefetch) * rows // workers)
-        dataset = dataset.mp_prefetch(options, worker_init_fn=_quiet_worker)
+        dataset = dataset.mp_prefetch(options, worker_init_fn=_worker_setup)
     dataset = dataset.batch(rows, drop_remainder=True)
     dataset = dataset.map(lambda rows: {**to_batch(rows), "source_tokens": rows["source_tokens"]})
     if not workers and prefetch > 0:
