@@ -208,6 +208,15 @@ class BatchEncoder:
         return [encoding.ids for encoding in encode(list(texts), add_special_tokens=False)]
 
 
+_SAMPLE_READ_BATCH = 1024  # Records per read of the BPE sample.
+
+
+def _read_texts(texts: Sequence[str], indices: Sequence[int]) -> list[str]:
+    """texts[i] for i in indices, in one batched read when the split offers it (sources.TextSplit)."""
+    read_many = getattr(texts, "texts", None)
+    return read_many(list(indices)) if callable(read_many) else [texts[i] for i in indices]
+
+
 def bpe_training_sample(splits: Sequence[tuple[Sequence[str], float]], max_bytes: int) -> Iterator[str]:
     """Documents to train the run's BPE on: each split's share (by weight) of `max_bytes`, read
     at an even stride over the split so a large corpus is sampled throughout, not at its start.
@@ -218,14 +227,17 @@ def bpe_training_sample(splits: Sequence[tuple[Sequence[str], float]], max_bytes
     total_weight = sum(weight for _, weight in splits) or 1.0
     for texts, weight in splits:
         budget = max_bytes * weight / total_weight
-        head = [texts[i] for i in range(min(len(texts), 64))]
+        head = _read_texts(texts, range(min(len(texts), 64)))
         mean_bytes = max(sum(len(t.encode("utf-8")) for t in head) / max(len(head), 1), 1.0)
         stride = max(1, math.ceil(len(texts) * mean_bytes / budget))
+        indices = range(0, len(texts), stride)
         used = 0
-        for index in range(0, len(texts), stride):
-            text = texts[index]
-            yield text
-            used += len(text.encode("utf-8"))
+        for start in range(0, len(indices), _SAMPLE_READ_BATCH):  # Batched reads: one per call is slow.
+            for text in _read_texts(texts, indices[start:start + _SAMPLE_READ_BATCH]):
+                yield text
+                used += len(text.encode("utf-8"))
+                if used >= budget:
+                    break
             if used >= budget:
                 break
         if stride > 1 or used >= budget:
