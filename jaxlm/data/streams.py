@@ -162,11 +162,12 @@ class _Stream:
 
 
 class StreamRows(grain.IterDataset):
-    """The rows of streams `rows` (this host's rows of the global batch), one at a time in
-    round-robin order: row r0 of batch 0, r1 of batch 0, ..., r0 of batch 1, ...
+    """For each global batch, the rows of streams `rows` (part of this host's rows), as one
+    element: {"tokens" [n, row_tokens], "source_tokens" [n, S], "row" [n], "batch" [n]}.
 
     Under `mp_prefetch`, worker w of W receives streams[w::W] (grain calls `set_slice`) and grain
-    interleaves the workers round-robin, which restores this order when W divides len(rows).
+    interleaves the workers' elements round-robin; `_host_rows` puts the rows back in order. One
+    element per worker and batch (not per row) keeps the inter-process traffic per batch small.
     """
 
     def __init__(self, spec: StreamSpec, rows: Sequence[int]):
@@ -190,28 +191,32 @@ class _StreamRowsIterator(grain.DatasetIterator):
         orders = spec.document_orders()
         encode = tokenizer_lib.BatchEncoder(spec.tokenizer)
         self._streams = [_Stream(spec, orders, encode, row) for row in rows]
-        self._next = 0
 
     def __next__(self) -> dict[str, np.ndarray]:
-        stream = self._streams[self._next]
-        batch = stream.rows  # The global batch this row belongs to.
-        tokens, per_source = stream.next_row()
-        self._next = (self._next + 1) % len(self._streams)
-        return {"tokens": tokens, "source_tokens": per_source, "row": np.int64(stream.row),
-                "batch": np.int64(batch)}
+        batches = [stream.rows for stream in self._streams]  # The global batch of each row.
+        tokens, per_source = zip(*(stream.next_row() for stream in self._streams))
+        return {"tokens": np.stack(tokens), "source_tokens": np.stack(per_source),
+                "row": np.asarray([stream.row for stream in self._streams], np.int64),
+                "batch": np.asarray(batches, np.int64)}
 
     def get_state(self) -> dict:
-        return {"next": self._next, "streams": [s.get_state() for s in self._streams]}
+        return {"streams": [s.get_state() for s in self._streams]}
 
     def set_state(self, state: dict) -> None:
         for stream, saved in zip(self._streams, state["streams"], strict=True):
             stream.set_state(saved)
-        self._next = state["next"]
+
+
+def _host_rows(parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """W workers' elements of one batch, stacked ([W, n, ...]: worker w holds streams w, w + W,
+    ...) -> this host's rows in order ([n * W, ...])."""
+    return {key: np.ascontiguousarray(np.swapaxes(value, 0, 1).reshape(-1, *value.shape[2:]))
+            for key, value in parts.items()}
 
 
 def worker_count(requested: int, rows: int) -> int:
-    """The largest number of worker processes <= requested that divides this host's rows (so the
-    round-robin interleave of the workers gives the rows in order)."""
+    """The largest number of worker processes <= requested that divides this host's rows (so every
+    worker holds the same number of streams and `_host_rows` can interleave them)."""
     return max((w for w in range(1, max(requested, 0) + 1) if rows % w == 0), default=0)
 
 
@@ -287,11 +292,11 @@ def make_train_iterator(spec: StreamSpec, to_batch: RowsToBatch, *, process_inde
     if workers:
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; jaxlm's CLI is argparse.
             flags.FLAGS.mark_as_parsed()
-        # Each worker holds whole rows for `prefetch` batches ahead.
-        options = grain.multiprocessing.MultiprocessingOptions(
-            num_workers=workers, per_worker_buffer_size=max(1, prefetch) * rows // workers)
+        # Each worker prepares its part of `prefetch` batches ahead.
+        options = grain.multiprocessing.MultiprocessingOptions(num_workers=workers,
+                                                               per_worker_buffer_size=max(1, prefetch))
         dataset = dataset.mp_prefetch(options, worker_init_fn=_worker_setup)
-    dataset = dataset.batch(rows, drop_remainder=True)
+    dataset = dataset.batch(max(workers, 1), drop_remainder=True).map(_host_rows)
     dataset = dataset.map(lambda rows: {**to_batch(rows), "source_tokens": rows["source_tokens"]})
     if not workers and prefetch > 0:
         dataset = grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=prefetch)
