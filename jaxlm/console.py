@@ -12,7 +12,9 @@ DIR/config.json once they passed: the log opens when config.json has been (re)wr
 command, and until then records are kept in memory (dropped if the command stops before).
 Commands that read a finished run (eval, generate, predict, export) keep their records in
 memory and append them to the run's log when they end, unless they ended with a user error.
-A remote workdir (gs://…) gets no log file (objects cannot be appended to).
+A workdir on a bucket (gs://…): objects cannot be appended to, so the records go to a spool file
+in this host's cache (JAXLM_CACHE_DIR/logs/) and DIR/jaxlm.log is rewritten once, with them
+added, when the command ends (by the same rules); a killed command's records stay in its spool.
 
 JAXLM_LOG_LEVEL=debug shows everything on the console too, at DEBUG; warning / error hide
 jaxlm's own lines below that level from the console.
@@ -117,6 +119,7 @@ class _RunLog(logging.Handler):
         self.workdir: Optional[str] = None
         self.baseline: Optional[tuple] = None  # config.json's stat when the command started.
         self.wait_for_config = False  # True: open once config.json changed; False: at the end.
+        self.spool = None  # A bucket workdir's records, on local disk until the command ends.
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -125,6 +128,9 @@ class _RunLog(logging.Handler):
             self.handleError(record)
 
     def write(self, text: str) -> None:
+        if self.spool is not None:
+            self.spool.write(text + "\n")
+            return
         if self.file is None and self.workdir is not None and self._ready():
             self._open()
         if self.file is not None:
@@ -135,10 +141,18 @@ class _RunLog(logging.Handler):
 
     def target(self, workdir: str, wait_for_config: bool) -> None:
         self.workdir, self.wait_for_config = workdir, wait_for_config
-        self.baseline = _stat(os.path.join(workdir, RUN_CONFIG))
+        self.baseline = _version(workdir)
+        if _remote(workdir):
+            from jaxlm import io  # pylint: disable=import-outside-toplevel
+            spool_dir = os.path.join(io.cache_dir(), "logs")
+            os.makedirs(spool_dir, exist_ok=True)
+            self.spool = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=spool_dir, prefix="jaxlm-",
+                                                     suffix=".log", delete=False)
+            self.spool.write("".join(line + "\n" for line in self.buffer or ()))
+            self.buffer = None
 
     def _ready(self, ending: bool = False) -> bool:
-        now = _stat(os.path.join(self.workdir, RUN_CONFIG))
+        now = _version(self.workdir)
         if self.wait_for_config:
             return now is not None and now != self.baseline
         return ending and now is not None
@@ -152,13 +166,41 @@ class _RunLog(logging.Handler):
         if _level() != "debug":  # Said once on the console, where to look for the rest.
             sys.stderr.write(f"{time.strftime('%H:%M:%S')} library messages: {path}\n")
 
+    def _upload(self) -> None:
+        """The spooled records appended to the bucket's DIR/jaxlm.log (read, then rewritten whole)."""
+        from jaxlm import io  # pylint: disable=import-outside-toplevel
+        self.spool.close()
+        target = io.path(self.workdir) / LOG_FILE
+        with open(self.spool.name, "rb") as f:
+            records = f.read()
+        try:
+            io.write_bytes_atomic(target, (io.read_bytes(target) if io.exists(target) else b"") + records)
+        except Exception as e:  # pylint: disable=broad-except  # The command's result stands.
+            sys.stderr.write(f"warning: {target} not written ({type(e).__name__}: {e}); "
+                             f"this command's library messages are in {self.spool.name}\n")
+            self.spool = None  # Kept on disk.
+            return
+        if _level() != "debug":
+            sys.stderr.write(f"{time.strftime('%H:%M:%S')} library messages: {target}\n")
+
+    def _drop_spool(self) -> None:
+        if self.spool is not None:
+            self.spool.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.spool.name)
+            self.spool = None
+
     def drop(self) -> None:
         """No log file for this process (another process writes it, or there is no run)."""
+        self._drop_spool()
         self.buffer, self.workdir = None, None
 
     def end(self, keep: bool) -> None:
         """The command ended; `keep`: it did not end with a user error."""
-        if self.file is None and self.workdir is not None and self._ready(ending=keep):
+        if self.spool is not None:
+            if self._ready(ending=keep):
+                self._upload()
+        elif self.file is None and self.workdir is not None and self._ready(ending=keep):
             self._open()
         self.close()
 
@@ -166,13 +208,23 @@ class _RunLog(logging.Handler):
         if self.file is not None:
             self.file.close()
             self.file = None
+        self._drop_spool()
         self.buffer, self.workdir = None, None
         super().close()
 
 
-def _stat(path: str) -> Optional[tuple]:
+def _remote(workdir: str) -> bool:
+    return "://" in workdir
+
+
+def _version(workdir: str) -> Optional[tuple]:
+    """What identifies DIR/config.json as written (None: missing)."""
+    if _remote(workdir):
+        from jaxlm import io  # pylint: disable=import-outside-toplevel
+        version = io.version(io.path(workdir) / RUN_CONFIG)
+        return None if version is None else (version,)
     try:
-        st = os.stat(path)
+        st = os.stat(os.path.join(workdir, RUN_CONFIG))
     except OSError:
         return None
     return (st.st_ino, st.st_mtime_ns, st.st_size)
@@ -215,7 +267,7 @@ def log_to_workdir(workdir: str, *, primary: bool = True, wait_for_config: bool 
     if _run_log is None:
         return
     from jaxlm import io  # pylint: disable=import-outside-toplevel
-    if not primary or not workdir or io.is_remote(workdir):
+    if not primary or not workdir:
         _run_log.drop()
         return
     _run_log.target(os.fspath(io.path(workdir)), wait_for_config)

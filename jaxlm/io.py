@@ -5,22 +5,30 @@
 
 Paths are `etils.epath.Path`s: the same calls serve local disks and object stores (gs://…).
 A local path goes through the os module (temp file + os.replace makes a write atomic); a path
-with a scheme (`://`) only through epath's methods, never os.*.
+with a scheme (`://`) only through epath's methods and fsspec, never os.*.
 
-What gs:// workdirs (the next step) will need:
-- epath reads gs:// through TensorFlow's gfile when TensorFlow imports (a jaxlm dependency),
-  or through fsspec + gcsfs (to install) under EPATH_USE_TF=false; both need credentials.
-- An object appears whole when its writer closes, so writes there are atomic without a temp
-  object (and a rename there would be a copy + delete).
+Buckets (gs://) always go through fsspec + gcsfs (its JSON-API GCSFileSystem), chosen here
+for the whole process when this module is imported: epath would use TensorFlow's gfile
+whenever TensorFlow imports, and gfile hard-codes Google's endpoints, so nothing written
+through it could be tested against a local server. gcsfs finds application-default
+credentials (a TPU VM's service account) itself, and STORAGE_EMULATOR_HOST in tests.
+- A directory on a bucket is a name prefix: it exists once an object is under it, and
+  make_dirs has nothing to do there.
+- An object appears whole when its upload finishes, so writes there are atomic without a temp
+  object (a rename there would be a copy + delete); a failed upload leaves the old object.
 - No append: JsonlAppender rewrites the whole object at each flush (cost in its docstring).
-- gfile raises some tf.errors.* that epath does not map to OSError; read_json may need them.
+- gcsfs's listing cache is off: other processes (tensorstore's checkpoint writes, other
+  hosts) change the bucket behind its back.
 """
 
 import contextlib
+import functools
+import hashlib
 import io as stdlib_io  # This module is jaxlm.io; the standard one is named apart.
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from typing import IO, Any
@@ -31,6 +39,45 @@ from jaxlm.errors import UserError
 
 PathLike = str | os.PathLike
 MISSING = object()  # read_json's "no default": a missing file is an error.
+
+
+def _buckets_through_fsspec() -> None:
+    """Makes epath use fsspec for gs:// in this process and the processes it starts. epath
+    reads EPATH_USE_TF once and caches the answer (etils 1.x: gpath._is_tf_installed), so the
+    cache is cleared too, in case something used epath before jaxlm.io was imported."""
+    os.environ["EPATH_USE_TF"] = "false"
+    from etils.epath import gpath  # pylint: disable=import-outside-toplevel
+    cached = getattr(gpath, "_is_tf_installed", None)
+    if hasattr(cached, "cache_clear"):
+        cached.cache_clear()
+
+
+_buckets_through_fsspec()
+
+
+@functools.cache
+def _gcsfs_class() -> type:
+    """gcsfs's JSON-API filesystem, registered with fsspec for gs:// (imported at the first bucket
+    path: it takes ~2 s). gcsfs >= 2026 exports an 'extended' class by default that first asks a
+    gRPC control plane for each bucket's layout (zonal / hierarchical); that is skipped: every
+    operation jaxlm needs is in the JSON API, which tensorstore (orbax's arrays) uses too, and
+    which the test server serves."""
+    import fsspec  # pylint: disable=import-outside-toplevel
+    from gcsfs import core as gcsfs_core  # pylint: disable=import-outside-toplevel
+    cls = gcsfs_core.GCSFileSystem
+    for protocol in ("gs", "gcs"):
+        fsspec.register_implementation(protocol, cls, clobber=True)
+    fsspec.config.conf.setdefault("gs", {})["use_listings_cache"] = False
+    from etils.epath import backend  # pylint: disable=import-outside-toplevel
+    cached = getattr(type(backend.fsspec_backend), "_get_filesystem", None)
+    if hasattr(cached, "cache_clear"):  # A filesystem epath made before the registration.
+        cached.cache_clear()
+    return cls
+
+
+def _bucket_fs():
+    """The fsspec filesystem for gs:// (for what epath does not offer: put, server-side copy)."""
+    return _gcsfs_class()()
 
 
 def cache_dir() -> str:
@@ -47,6 +94,8 @@ def path(p: PathLike) -> epath.Path:
     text = os.fspath(p)
     if not is_remote(text):
         text = os.path.abspath(os.path.expanduser(text))
+    elif text.startswith("gs://"):
+        _gcsfs_class()
     return epath.Path(text)
 
 
@@ -67,14 +116,34 @@ def is_file(p: PathLike) -> bool:
     return path(p).is_file()
 
 
+def version(p: PathLike) -> str | None:
+    """A token that changes whenever file `p` is rewritten (None: missing): locally its inode,
+    mtime and size; on a bucket the object's generation (set anew by every upload)."""
+    target = path(p)
+    try:
+        if not is_remote(target):
+            st = os.stat(target)
+            return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
+        if os.fspath(target).startswith("gs://"):
+            return str(_bucket_fs().info(os.fspath(target))["generation"])
+        st = target.stat()
+        return f"{st.mtime}:{st.length}"
+    except FileNotFoundError:
+        return None
+
+
 def list_dir(p: PathLike) -> list[str]:
     """The names in directory `p`, sorted (order differs between stores); [] if it is missing."""
     directory = path(p)
-    return sorted(child.name for child in directory.iterdir()) if directory.is_dir() else []
+    # A bucket may hold a 'dir/' placeholder object: it lists with an empty name.
+    return sorted(child.name for child in directory.iterdir() if child.name) if directory.is_dir() else []
 
 
 def make_dirs(p: PathLike) -> None:
-    path(p).mkdir(parents=True, exist_ok=True)
+    """A local directory and its parents; nothing on a bucket (a prefix needs no creating, and
+    gcsfs's makedirs would create a missing *bucket*, in whatever project the credentials name)."""
+    if not is_remote(p):
+        path(p).mkdir(parents=True, exist_ok=True)
 
 
 def read_text(p: PathLike) -> str:
@@ -248,11 +317,69 @@ def remove_tree(p: PathLike, missing_ok: bool = False) -> None:
 
 
 def copy_file(src: PathLike, dst: PathLike) -> None:
-    """Copies file `src` to `dst`, which appears whole or not at all (streamed locally, so big
-    files are not held in memory; through epath's copy when either side is an object store)."""
+    """Copies file `src` to `dst`, which appears whole or not at all; streamed, so big files are
+    not held in memory. To a bucket: one upload (gcsfs put_file), or a server-side copy from the
+    same store; from a bucket to a local file: read in chunks into an atomic local write."""
     source, target = path(src), path(dst)
-    if is_remote(source) or is_remote(target):
-        source.copy(target, overwrite=True)
-    else:
-        with open(source, "rb") as f_in, open_atomic(target, binary=True) as f_out:
-            shutil.copyfileobj(f_in, f_out)
+    if is_remote(target):
+        if is_remote(source):
+            _bucket_fs().copy(os.fspath(source), os.fspath(target))
+        else:
+            _bucket_fs().put_file(os.fspath(source), os.fspath(target))
+        return
+    with source.open("rb") as f_in, open_atomic(target, binary=True) as f_out:
+        shutil.copyfileobj(f_in, f_out)
+
+
+def files_under(p: PathLike) -> list[str]:
+    """The files below directory `p` as '/'-separated paths relative to it, sorted ([] when missing)."""
+    root = path(p)
+    found = []
+    for name in list_dir(root):
+        child = root / name
+        if child.is_dir():
+            found += [f"{name}/{sub}" for sub in files_under(child)]
+        else:
+            found.append(name)
+    return sorted(found)
+
+
+def copy_tree(src: PathLike, dst: PathLike, last: str = "") -> list[str]:
+    """Copies every file under directory `src` to the same place under `dst` (either may be a
+    bucket); returns the relative paths copied. A bucket has no directory rename, so a tree
+    there cannot appear at once: `last` (a relative path) is copied after all the others, and a
+    reader that finds it knows the rest is there."""
+    names = files_under(src)
+    if last and last not in names:
+        raise FileNotFoundError(f"{path(src) / last}: missing, so {dst} could never be seen complete")
+    for name in sorted(names, key=lambda n: n == last):  # False sorts first: `last` goes last.
+        make_dirs((path(dst) / name).parent)
+        copy_file(path(src) / name, path(dst) / name)
+    return names
+
+
+def local_copy(p: PathLike) -> str:
+    """Directory `p` as a local directory: itself when local; a bucket's copied into this host's
+    cache (bucket_copies/<hash of the URL>/), afresh at each call, so it is never stale. For
+    small directories libraries must read from a disk (a tokenizer)."""
+    source = path(p)
+    if not is_remote(source):
+        return os.fspath(source)
+    parent = os.path.join(cache_dir(), "bucket_copies")
+    os.makedirs(parent, exist_ok=True)
+    target = os.path.join(parent, hashlib.sha256(os.fspath(source).encode()).hexdigest()[:16])
+    staging = tempfile.mkdtemp(prefix=".copy-", dir=parent)
+    try:
+        copy_tree(source, staging)
+        old = f"{staging}.old"
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(target, old)  # Two renames: a directory cannot replace a non-empty one.
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not os.path.isdir(target):  # Else another process of this host just made the same copy.
+                raise
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -71,9 +71,12 @@ class CheckpointSource:
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
-    """Steps with a complete checkpoint (orbax renames a finished save to its step number)."""
+    """Steps with a complete checkpoint, by orbax's own rule: locally a finished save is renamed
+    to its step number; on a bucket (no rename) its step directory holds commit_success.txt."""
     directory = io.path(checkpoint_dir(workdir))
-    return sorted(int(name) for name in io.list_dir(directory) if name.isdigit() and io.exists(directory / name / "state"))
+    return sorted(int(name) for name in io.list_dir(directory)
+                  if name.isdigit() and io.exists(directory / name / "state")
+                  and ocp.step.is_checkpoint_finalized(directory / name))
 
 
 def find_checkpoint(workdir: str, step: Optional[int] = None, best: bool = False) -> CheckpointSource:

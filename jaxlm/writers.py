@@ -1,10 +1,14 @@
 """Metric writers (clu): console + TensorBoard + DIR/metrics.jsonl (+ Weights & Biases).
 
 Only process 0 writes files; the other hosts log to their console only. metrics.jsonl goes
-through jaxlm.io (local disk or an object store).
+through jaxlm.io (local disk or an object store). TensorBoard events for a bucket workdir are
+written on local disk and copied to the bucket at each flush (BucketSummaryWriter).
 """
 
 import math
+import os
+import shutil
+import tempfile
 from typing import Any, Mapping, Optional
 
 import numpy as np
@@ -73,6 +77,40 @@ class JsonlWriter(ScalarsOnlyWriter):
         self._appender.close()
 
 
+class BucketSummaryWriter(metric_writers.SummaryWriter):
+    """TensorBoard events for a workdir on a bucket. clu's SummaryWriter is tf.summary, whose GCS
+    client is TensorFlow's own (fixed Google endpoints, its own credentials code): the events
+    are written into a local scratch directory of this host (JAXLM_CACHE_DIR/tensorboard/) and
+    each event file that grew is uploaded whole through jaxlm.io at every flush (the train loop
+    flushes at each log step: a few hundred bytes per logged step, so uploads stay small).
+    TensorBoard reads the gs:// logdir as it reads a local one. A kill loses the events since the
+    last flush; its scratch directory stays behind in the cache (a few KB)."""
+
+    def __init__(self, workdir: io.PathLike):
+        self.target = io.path(workdir)
+        parent = os.path.join(io.cache_dir(), "tensorboard")
+        os.makedirs(parent, exist_ok=True)
+        self.local_dir = tempfile.mkdtemp(prefix="events-", dir=parent)
+        self._uploaded: dict[str, int] = {}  # Relative path -> size last uploaded.
+        super().__init__(self.local_dir)
+
+    def _upload(self) -> None:
+        for name in io.files_under(self.local_dir):
+            size = os.path.getsize(os.path.join(self.local_dir, name))
+            if self._uploaded.get(name) != size:
+                io.copy_file(os.path.join(self.local_dir, name), self.target / name)
+                self._uploaded[name] = size
+
+    def flush(self):
+        super().flush()
+        self._upload()
+
+    def close(self):
+        super().close()
+        self._upload()
+        shutil.rmtree(self.local_dir, ignore_errors=True)
+
+
 class WandbWriter(ScalarsOnlyWriter):
     """Forwards scalars to Weights & Biases (the `wandb` extra)."""
 
@@ -108,7 +146,8 @@ def create_writer(workdir: str, is_primary: bool, wandb_config: Optional[Any] = 
         return metric_writers.LoggingWriter()
     writers = [metric_writers.LoggingWriter(), JsonlWriter(io.path(workdir) / METRICS_FILE)]
     try:
-        writers.append(metric_writers.SummaryWriter(workdir))
+        writers.append(BucketSummaryWriter(workdir) if io.is_remote(workdir)
+                       else metric_writers.SummaryWriter(os.fspath(io.path(workdir))))
     except Exception as e:  # pylint: disable=broad-except
         logging.warning("TensorBoard writer unavailable (%s); metrics go to metrics.jsonl only", e)
     if wandb_config is not None and wandb_config.enabled:

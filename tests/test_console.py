@@ -57,7 +57,7 @@ def test_log_file_holds_the_library_messages(user_run):
     _, stderr, workdir = user_run
     log = (workdir / console.LOG_FILE).read_text()
     for line in ("JAX_PLATFORMS=", "preparing dataset jaxlm_text_files", "Saving checkpoint at step 2",
-                 "Saving checkpoint at step 4", "oneDNN", "[2] steps_per_sec=", "checkpoint: saving step 4"):
+                 "Saving checkpoint at step 4", "[2] steps_per_sec=", "checkpoint: saving step 4"):
         assert line in log, line
     # Everything the console said is in the file too (the console's own note aside).
     for line in stderr.splitlines():
@@ -92,6 +92,20 @@ def test_library_info_waits_for_the_run_and_goes_to_the_file_only(fresh_console,
     assert re.search(r"^\d\d:\d\d:\d\d error: a real problem$", err, re.M), err
     log = (tmp_path / console.LOG_FILE).read_text()
     assert log.index("before the run is validated") < log.index("a real problem") < log.index("after config.json")
+
+
+def test_native_stderr_goes_to_the_log_not_the_console(fresh_console, tmp_path, capfd):
+    """What C++ libraries write to file descriptor 2 (TensorFlow's start-up lines, which some
+    CPUs get and others do not, libtpu's) lands in the log file, one record per line."""
+    fresh_console()
+    (tmp_path / "config.json").write_text("{}")
+    console.log_to_workdir(str(tmp_path))
+    with console.native_output_to_log("tensorflow"):
+        os.write(2, b"I0000 cpu_feature_guard.cc:210] native start-up line\n\nsecond line\n")
+    console.close()
+    assert "native start-up line" not in capfd.readouterr().err
+    log = (tmp_path / console.LOG_FILE).read_text()
+    assert "native.tensorflow" in log and "native start-up line" in log and "second line" in log
 
 
 def test_user_error_before_the_run_writes_nothing(fresh_console, tmp_path):

@@ -2,6 +2,10 @@
 
 `data.tokenizer` is 'bpe' (the run's own, kept in <workdir>/tokenizer/), a local directory, or a
 hub name. Remote code is never trusted.
+
+A workdir on a bucket: the run's BPE is trained into local scratch and uploaded, tokenizer.json
+last (a bucket has no directory rename: that file's presence means the upload is complete);
+loading downloads it into this host's cache first (transformers reads local files only).
 """
 
 import hashlib
@@ -16,6 +20,7 @@ import transformers
 from absl import logging
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from jaxlm import io
 from jaxlm.errors import UserError
 
 BPE_SPEC = "bpe"
@@ -25,10 +30,32 @@ MASK_TOKEN = "<|mask|>"  # Only in BPEs trained for masked-LM runs (id 2).
 WORKDIR_TOKENIZER_DIR = "tokenizer"
 _BYTE_ALPHABET_SIZE = 256
 _SPECIAL_TOKENS = (EOS_TOKEN, PAD_TOKEN)  # In this order: EOS gets id 0, PAD id 1.
+_COMPLETE_MARKER = "tokenizer.json"  # Uploaded last to a bucket; the fast tokenizer's own file.
 
 
 def workdir_tokenizer_dir(workdir: str) -> str:
+    if io.is_remote(workdir):
+        return os.fspath(io.path(workdir) / WORKDIR_TOKENIZER_DIR)  # os.path.join is for local paths.
     return os.path.join(workdir, WORKDIR_TOKENIZER_DIR)
+
+
+def _workdir_tokenizer_saved(directory: str) -> bool:
+    if io.is_remote(directory):
+        return io.exists(io.path(directory) / _COMPLETE_MARKER)
+    return os.path.isdir(directory)  # A local one appears by rename, whole.
+
+
+def _train_into_bucket(texts: Iterable[str], vocab_size: int, directory: str, mask_token: bool):
+    os.makedirs(io.cache_dir(), exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix="tokenizer-", dir=io.cache_dir())
+    try:
+        local = os.path.join(scratch, WORKDIR_TOKENIZER_DIR)
+        tokenizer = train_bpe_tokenizer(texts, vocab_size, local, mask_token)
+        io.copy_tree(local, directory, last=_COMPLETE_MARKER)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    logging.info("Uploaded the run's tokenizer to %s", directory)
+    return tokenizer
 
 
 def train_bpe_tokenizer(
@@ -101,12 +128,13 @@ def load_tokenizer(spec: str, workdir: str) -> transformers.PreTrainedTokenizerB
     spec = spec.strip()
     if spec == BPE_SPEC:
         directory = workdir_tokenizer_dir(workdir)
-        if not os.path.isdir(directory):
+        if not _workdir_tokenizer_saved(directory):
             raise UserError(
                 f"data.tokenizer=bpe: {directory} is missing; it is trained on the run's first start,"
                 " so start the run again or restore that directory"
             )
-        return _from_pretrained(directory, local_files_only=True)
+        local = io.local_copy(directory) if io.is_remote(directory) else directory
+        return _from_pretrained(local, local_files_only=True)
     expanded = os.path.expanduser(spec)
     if os.path.isdir(expanded):
         try:
@@ -252,10 +280,11 @@ def run_tokenizer(data_config, train_texts: Sequence[tuple[Sequence[str], float]
     when `mask_token`, and kept in the workdir."""
     spec = (data_config.get("tokenizer", BPE_SPEC) or "").strip()
     directory = workdir_tokenizer_dir(workdir)
-    if spec == BPE_SPEC and not os.path.isdir(directory):
+    if spec == BPE_SPEC and not _workdir_tokenizer_saved(directory):
         vocab_size = int(data_config.get("bpe_vocab_size", 1024))
         max_bytes = int(float(data_config.get("bpe_sample_mb", 8)) * (1 << 20))
-        train_bpe_tokenizer(bpe_training_sample(train_texts, max_bytes), vocab_size, directory, mask_token)
+        train = _train_into_bucket if io.is_remote(directory) else train_bpe_tokenizer
+        train(bpe_training_sample(train_texts, max_bytes), vocab_size, directory, mask_token)
     tokenizer = load_tokenizer(spec, workdir)
     requested = int(data_config.get("bpe_vocab_size", len(tokenizer)))
     if spec == BPE_SPEC and len(tokenizer) != requested:
