@@ -42,3 +42,10 @@ def read_metrics(workdir: str) -> list[dict]:
 
 def losses(workdir: str, key: str = "train/loss") -> dict[int, float]:
     return {r["step"]: r[key] for r in read_metrics(workdir) if key in r}
+
+
+def runlocal_train(workdir: str, data_dir: str, steps: int, *flags: str) -> list[str]:
+    """`jaxlm train` of the tiny runlocal recipe, a train/loss line per step, no periodic eval."""
+    return ["train", "--config=configs/tiny_shakespeare.py:runlocal", f"--workdir={workdir}",
+            f"--config.data.data_dir={data_dir}", f"--config.steps={steps}", "--config.log_every=1",
+            "--config.eval_every=0", *flags]

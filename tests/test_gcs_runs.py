@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-from cli_runner import REPO, cli_env, losses, run_cli
+from cli_runner import REPO, cli_env, losses, run_cli, runlocal_train
 from gcs_server import gcs  # noqa: F401  (the module-scoped fixture)
 
 from jaxlm import io, restore, writers
@@ -27,7 +27,6 @@ from jaxlm import run as run_lib
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.errors import UserError
 
-CONFIG = "configs/tiny_shakespeare.py:runlocal"
 STEPS = 20
 
 
@@ -37,9 +36,8 @@ def data_dir(tmp_path_factory):
 
 
 def train_args(workdir, data_dir):
-    return ["train", f"--config={CONFIG}", f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
-            f"--config.steps={STEPS}", "--config.log_every=1", "--config.eval_every=0",
-            "--config.checkpoint_every=5", "--config.best_metric=eval/loss", "--config.best_mode=min"]
+    return runlocal_train(workdir, data_dir, STEPS, "--config.checkpoint_every=5", "--config.best_metric=eval/loss",
+                          "--config.best_mode=min")
 
 
 @pytest.fixture(scope="module")

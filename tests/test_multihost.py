@@ -18,11 +18,10 @@ import numpy as np
 import pytest
 import sklearn.metrics
 
-from cli_runner import REPO, cli_env, losses, read_metrics, run_cli
+from cli_runner import REPO, cli_env, losses, read_metrics, run_cli, runlocal_train
 from jaxlm import cli
 from sample_data import write_reviews
 
-CONFIG = "configs/tiny_shakespeare.py:runlocal"
 MESH = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
 STEPS = 20
 
@@ -33,9 +32,7 @@ def data_dir(tmp_path_factory):
 
 
 def train_args(workdir, data_dir):
-    return ["train", f"--config={CONFIG}", f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
-            f"--config.steps={STEPS}", "--config.log_every=1", "--config.eval_every=0",
-            "--config.checkpoint_every=10", *MESH]
+    return runlocal_train(workdir, data_dir, STEPS, "--config.checkpoint_every=10", *MESH)
 
 
 def free_port() -> int:
