@@ -37,8 +37,9 @@ from absl import logging as absl_logging
 from jaxlm.data import example_loader
 from jaxlm.data import tokenizer as tokenizer_lib
 
-# Documents a stream reads (and tokenizes in one call) when its buffer runs short.
-READ_AHEAD_DOCUMENTS = 8
+# Documents a stream reads (and tokenizes in one call) when its buffer runs short: per-call costs
+# (the ArrayRecord read, the tokenizer call) dominate below a few dozen short documents.
+READ_AHEAD_DOCUMENTS = 64
 # Mixture draws come in blocks of this many documents per generator (cheaper than one each).
 _DRAW_BLOCK = 256
 _PARENT_POLL_S = 1.0  # How often a worker checks that the trainer is still alive.
