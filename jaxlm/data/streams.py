@@ -34,7 +34,7 @@ import numpy as np
 from absl import flags
 from absl import logging as absl_logging
 
-from jaxlm.data import example_loader
+from jaxlm.data import example_loader, lm_loader
 from jaxlm.data import tokenizer as tokenizer_lib
 
 # Documents a stream reads (and tokenizes in one call) when its buffer runs short: per-call costs
@@ -254,8 +254,8 @@ def causal_lm_batch(rows: dict[str, np.ndarray], segment_eos: Optional[int] = No
         "targets": np.ascontiguousarray(tokens[:, 1:]),
         "weights": np.ones(tokens[:, 1:].shape, np.float32),
     }
-    if segment_eos is not None:  # A new segment at every EOS, as lm_loader.segment_ids.
-        batch["segment_ids"] = np.cumsum(batch["inputs"] == segment_eos, axis=-1, dtype=np.int32)
+    if segment_eos is not None:  # A new segment at every EOS, as the token-cache loader's.
+        batch["segment_ids"] = lm_loader.segment_ids(batch["inputs"], segment_eos)
     return batch
 
 
