@@ -95,10 +95,9 @@ def saved_run_config(workdir: str) -> dict:
     return saved
 
 
-def keep_saved_loader(workdir: str, config: ml_collections.ConfigDict) -> None:
+def keep_saved_loader(workdir: str, saved: dict, config: ml_collections.ConfigDict) -> None:
     """A resumed LM run keeps the data.loader it started with (its checkpoints hold that loader's
-    position); runs from before data.loader existed used token_cache."""
-    saved = saved_run_config(workdir)
+    position); runs from before data.loader existed used token_cache. `saved`: DIR/config.json."""
     if not saved or config.task not in ("causal_lm", "masked_lm"):
         return
     loader = saved.get("data", {}).get("loader", "token_cache")
@@ -108,10 +107,10 @@ def keep_saved_loader(workdir: str, config: ml_collections.ConfigDict) -> None:
         config.data.loader = loader
 
 
-def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Refuses a workdir holding a run whose task, classes or model shapes differ from the
-    resolved `config` (every value here is final: vocab size and labels come from the data)."""
-    saved = saved_run_config(workdir)
+def check_resumable(workdir: str, saved: dict, config: ml_collections.ConfigDict) -> None:
+    """Refuses a workdir holding a run (`saved`: its config.json) whose task, classes or model
+    shapes differ from the resolved `config` (every value here is final: vocab size and labels
+    come from the data)."""
     if not saved:
         return
     if saved.get("task") != config.task:

@@ -45,9 +45,10 @@ def resolve_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
     init_source = pretrained.resolve_init_from(config)  # The source's model and tokenizer.
     config_checks.validate(config)
     check_batch_layout(config, mesh)
-    config_checks.keep_saved_loader(workdir, config)
+    saved = config_checks.saved_run_config(workdir)  # Read once: {} for a fresh workdir.
+    config_checks.keep_saved_loader(workdir, saved, config)
     task = get_task(config.task)
     data = task.build_data(config, workdir, jax.process_index(), jax.process_count())
     task.resolve(config, data)  # Vocab size, classes, pooling.
-    config_checks.check_resumable(workdir, config)
+    config_checks.check_resumable(workdir, saved, config)
     return ResolvedRun(config, data, init_source)
