@@ -383,3 +383,17 @@ def local_copy(p: PathLike) -> str:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def glob_versions(pattern: PathLike) -> dict[str, str]:
+    """{file: its `version`} for the files (not directories) matching `pattern`, sorted; '**'
+    matches any depth. On a bucket: gs:// URLs and objects' generations from one listing."""
+    text = os.fspath(pattern)
+    if not is_remote(text):
+        import glob as stdlib_glob  # pylint: disable=import-outside-toplevel
+        found = sorted(os.path.abspath(m) for m in stdlib_glob.glob(os.path.expanduser(text), recursive=True))
+        return {m: version(m) for m in found if os.path.isfile(m)}
+    if not text.startswith("gs://"):
+        raise UserError(f"{text}: only gs:// buckets can be searched with a pattern")
+    found = _gcsfs_class()().glob(text, detail=True)
+    return {f"gs://{n}": str(i["generation"]) for n, i in sorted(found.items()) if i.get("type") == "file"}

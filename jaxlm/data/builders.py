@@ -6,13 +6,17 @@
 - The config name carries a hash of the files' content and of the options: changed inputs get
   a new dataset directory (a stale preparation is never reused), unchanged ones reuse it.
 - `prepare` is the multi-host guard: every host may call it on a shared data_dir; the losers of
-  the race to rename the finished copy into place find a complete copy and use it.
+  the race to rename the finished copy into place find a complete copy and use it. On a bucket
+  data_dir (gs://) process 0 prepares on its disk and uploads; every host reads a local copy
+  (bucket_data).
+- Input files may be local or gs:// (globs too); their bytes are streamed, never copied first.
 - `LocalFilesBuilder` saves a JSON record (the cleaning counts, the label vocabulary) inside
   tfds's temporary directory, so it is renamed into place together with the data.
 - `Progress` logs documents/s, bytes/s and an ETA while a pass reads the files.
 """
 
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
@@ -27,14 +31,15 @@ from absl import logging
 from etils import epath
 
 from jaxlm import io
-from jaxlm.data import documents
+from jaxlm.data import bucket_data, documents
 from jaxlm.errors import UserError
 
 _PROGRESS_INTERVAL_S = 10.0  # Seconds between two progress lines of one pass.
 
 
 def resolve_files(spec: str | Sequence[str], field: str) -> tuple[str, ...]:
-    """Expands comma-separated paths/globs, in the given order, into absolute file paths.
+    """Expands comma-separated paths/globs, in the given order, into absolute file paths (gs://
+    URLs for files in a bucket; local and bucket entries may be mixed).
 
     A glob's matches are sorted so the order never depends on the filesystem. Every entry must
     match at least one file; `field` (e.g. 'data.train_file') is named in the error.
@@ -45,33 +50,44 @@ def resolve_files(spec: str | Sequence[str], field: str) -> tuple[str, ...]:
         raise UserError(f"{field} is empty: set it to a text file, a glob, or comma-separated paths")
     files: list[str] = []
     for pattern in patterns:
-        expanded = os.path.expanduser(pattern)
-        if glob.has_magic(expanded):
-            matches = sorted(p for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
-            if not matches:
-                raise UserError(f"{field}: glob {pattern!r} matches no file; fix the pattern")
-        elif os.path.isfile(expanded):
-            matches = [expanded]
-        else:
-            raise UserError(f"{field}: file not found: {pattern}; give an existing text file")
-        for match in matches:
-            absolute = os.path.abspath(match)
-            if absolute not in files:  # A file named twice would silently double its weight.
-                files.append(absolute)
+        for match in _matches(pattern, field):
+            if match not in files:  # A file named twice would silently double its weight.
+                files.append(match)
     return tuple(files)
 
 
+def _matches(pattern: str, field: str) -> list[str]:
+    remote = io.is_remote(pattern)
+    expanded = pattern if remote else os.path.expanduser(pattern)
+    try:
+        if glob.has_magic(expanded):
+            matches = list(io.glob_versions(expanded))
+            if not matches:
+                raise UserError(f"{field}: glob {pattern!r} matches no file; fix the pattern")
+            return matches
+        if io.is_file(expanded) if remote else os.path.isfile(expanded):
+            return [expanded if remote else os.path.abspath(expanded)]
+    except OSError as e:  # A bucket that is missing or not readable with these credentials.
+        raise UserError(f"{field}: cannot read {pattern} ({type(e).__name__}: {e}); check the bucket and "
+                        "its permissions") from None
+    raise UserError(f"{field}: file not found: {pattern}; give an existing text file")
+
+
 def file_sha256(path: str) -> bytes:
-    """The file's SHA-256, remembered in this host's cache by (path, size, mtime, inode): a
-    restart does not read a large corpus again just to find its preparation."""
-    stat = os.stat(path)
-    stamp = f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ino}"
+    """The file's SHA-256, remembered in this host's cache by (path, size, mtime, inode), or for
+    a bucket object by (URL, generation): a restart does not read a large corpus again just to
+    find its preparation. The digest is of the bytes, wherever they are."""
+    if io.is_remote(path):
+        stamp = f"{path}\0{io.version(path)}"
+    else:
+        stat = os.stat(path)
+        stamp = f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ino}"
     memo = os.path.join(io.cache_dir(), "file_sha256", hashlib.sha256(stamp.encode()).hexdigest())
     if os.path.isfile(memo):
         with open(memo) as f:
             return bytes.fromhex(f.read().strip())
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with bucket_data.open_binary(path) as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     try:
@@ -82,11 +98,21 @@ def file_sha256(path: str) -> bytes:
     return digest.digest()
 
 
+@functools.lru_cache(maxsize=65536)
+def _remote_size(path: str) -> int:
+    return bucket_data.file_size(path)
+
+
+def file_size(path: str) -> int:
+    """For progress lines only: a bucket object's size is asked once per process (a request)."""
+    return _remote_size(path) if io.is_remote(path) else os.path.getsize(path)
+
+
 def content_hash(options: dict, files: Sequence[str]) -> str:
     """Hash of everything that determines the prepared data: the options and the files' bytes
     in order (not their paths: moving the files keeps the preparation)."""
     digest = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode())
-    progress = Progress("hashing the input files", sum(os.path.getsize(p) for p in files))
+    progress = Progress("hashing the input files", sum(file_size(p) for p in files))
     for path in files:
         digest.update(file_sha256(path))
         progress.file_done(path)
@@ -150,7 +176,10 @@ def prepare(builder_cls: Callable[..., tfds.core.DatasetBuilder], config: tfds.c
             data_dir: str, download_config: tfds.download.DownloadConfig | None = None
             ) -> tuple[tfds.core.DatasetBuilder, bool]:
     """(builder of the prepared dataset, reused): prepares it under data_dir unless an
-    identical preparation is there already."""
+    identical preparation is there already. On a bucket data_dir the builder reads this host's
+    local copy (bucket_data.stage)."""
+    if io.is_remote(data_dir):
+        return _prepare_on_bucket(builder_cls, config, data_dir, download_config)
     builder = builder_cls(config=config, data_dir=data_dir, file_format="array_record")
     reused = builder.is_prepared()
     if not reused:
@@ -164,6 +193,16 @@ def prepare(builder_cls: Callable[..., tfds.core.DatasetBuilder], config: tfds.c
                 raise
         builder = builder_cls(config=config, data_dir=data_dir, file_format="array_record")
     return builder, reused
+
+
+def _prepare_on_bucket(builder_cls, config, data_dir: str, download_config) -> tuple[tfds.core.DatasetBuilder, bool]:
+    # NAME/CONFIG/VERSION as tfds lays it out, asked of a builder on a local directory.
+    root = bucket_data.local_root(data_dir)
+    relative = os.path.relpath(os.fspath(builder_cls(config=config, data_dir=root).data_path), root)
+    reused = bucket_data.prepare_on_bucket(
+        data_dir, relative, lambda local: prepare(builder_cls, config, local, download_config))
+    staged = bucket_data.stage(data_dir, relative)
+    return builder_cls(config=config, data_dir=staged, file_format="array_record"), reused
 
 
 def read_record(builder: tfds.core.DatasetBuilder, filename: str) -> dict:
@@ -227,7 +266,7 @@ class Progress:
             self._report()
 
     def file_done(self, path: str) -> None:
-        self.done_bytes += os.path.getsize(path)
+        self.done_bytes += file_size(path)
         self.file_bytes = 0
 
     def line(self) -> str:
@@ -256,4 +295,4 @@ class Progress:
 
 
 def plan_progress(plan: documents.SplitPlan, what: str) -> Progress:
-    return Progress(what, sum(os.path.getsize(path) for path in plan.files))
+    return Progress(what, sum(file_size(path) for path in plan.files))

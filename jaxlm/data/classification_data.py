@@ -23,7 +23,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from jaxlm.data import example_loader, labeled_builder, labels, sources
+from jaxlm import io
+from jaxlm.data import bucket_data, example_loader, labeled_builder, labels, sources
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.errors import UserError
 
@@ -122,7 +123,7 @@ def files_corpus(data_config, data_dir: str) -> LabeledCorpus:
 def tfds_corpus(data_config, data_dir: str) -> LabeledCorpus:
     """A prepared tfds dataset: data.text_column (+ text_pair_column) and a ClassLabel label_column."""
     name = data_config.tfds_name.strip()
-    builder = sources.prepared_builder(name, data_dir)
+    builder = sources.prepared_builder(name, data_dir, data_config)
     features = builder.info.features
     keys = []
     for field, default in (("text_column", "text"), ("text_pair_column", ""), ("label_column", "label")):
@@ -177,6 +178,8 @@ def encode_split(tokenizer, split: LabeledSplit, max_len: int, pad_id: int, with
 
 
 def _cache_path(data_dir: str, dataset_id: str, split: str, fingerprint: str) -> str:
+    if io.is_remote(data_dir):  # Per host, written with np.savez + os.replace: on this host's disk.
+        data_dir = bucket_data.local_root(data_dir)
     safe = re.sub(r"[^A-Za-z0-9_-]+", "_", split).strip("_") + "_" + hashlib.sha256(split.encode()).hexdigest()[:8]
     return os.path.join(data_dir, CACHE_DIRNAME, dataset_id, f"{safe}-{fingerprint[:24]}.npz")
 

@@ -9,6 +9,7 @@ import hashlib
 import unicodedata
 from collections.abc import Iterator, Sequence
 
+from jaxlm.data import bucket_data
 from jaxlm.errors import UserError
 
 DOC_SPLITS = ("blank_line", "line", "file")
@@ -21,7 +22,7 @@ def check_doc_split(doc_split: str) -> None:
 
 def _read_lines(path: str, field: str) -> Iterator[str]:
     """Yields the file's lines without line endings (LF or CRLF), rejecting invalid UTF-8."""
-    with open(path, "rb") as f:
+    with bucket_data.open_binary(path) as f:  # A local file or a gs:// object, streamed.
         for line_number, raw in enumerate(f, start=1):
             try:
                 line = raw.decode("utf-8")

@@ -14,7 +14,8 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from jaxlm.data import text_builder
+from jaxlm import io
+from jaxlm.data import bucket_data, text_builder
 from jaxlm.errors import UserError
 
 _READ_BATCH = 1024
@@ -92,23 +93,43 @@ def text_files_corpus(data_config, data_dir: str) -> TextCorpus:
 
 
 def _prepare_hint(name: str, data_dir: str) -> str:
+    if io.is_remote(data_dir):  # ArrayRecord files cannot be written to a bucket directly.
+        return (f"prepare it once on a disk with: tfds build {name} --data_dir=DIR --file_format=array_record,"
+                f" then copy DIR/{name.split(':')[0]} into {data_dir}/, its dataset_info.json last")
     return f"prepare it once with: tfds build {name} --data_dir={data_dir} --file_format=array_record"
 
 
-def prepared_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
-    """The builder of a tfds dataset already prepared in data_dir (never downloaded here)."""
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except Exception as e:  # tfds raises several types (DatasetNotFoundError, ValueError, ...).
-        raise UserError(
-            f"data.tfds_name={name}: unknown tfds dataset ({type(e).__name__}); check the name"
-        ) from None
+def prepared_builder(name: str, data_dir: str, data_config=None) -> tfds.core.DatasetBuilder:
+    """The builder of a tfds dataset already prepared in data_dir (never downloaded here). On a
+    bucket data_dir it reads this host's copy of the dataset, staged once (bucket_data): only
+    the shards of data.train_split / data.eval_split when `data_config` is given."""
+    builder = _named_builder(name, data_dir)
     if not builder.is_prepared():
         raise UserError(
             f"data.tfds_name={name}: not prepared in data.data_dir={data_dir};"
             f" {_prepare_hint(name, data_dir)}"
         )
-    return builder
+    if not io.is_remote(data_dir):
+        return builder
+    bucket_dir, version_dir = data_dir.rstrip("/"), os.fspath(builder.data_path)
+    if not version_dir.startswith(bucket_dir + "/"):
+        raise UserError(f"data.tfds_name={name}: tfds found it in {version_dir}, outside data.data_dir={data_dir}")
+    relative = version_dir[len(bucket_dir) + 1:]  # NAME[/CONFIG]/VERSION.
+    splits = None if data_config is None else bucket_data.base_splits(
+        data_config.get(field, default) for field, default in _SPLIT_FIELDS)
+    return _named_builder(name, bucket_data.stage(bucket_dir, relative, splits))
+
+
+def _named_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
+    try:
+        return tfds.builder(name, data_dir=data_dir)
+    except Exception as e:  # tfds raises several types (DatasetNotFoundError, ValueError, ...).
+        raise UserError(
+            f"data.tfds_name={name}: unknown tfds dataset ({type(e).__name__}); check the name"
+        ) from None
+
+
+_SPLIT_FIELDS = (("train_split", "train"), ("eval_split", "validation"))
 
 
 def split_sources(builder: tfds.core.DatasetBuilder, data_config, data_dir: str) -> dict[str, tuple[str, Any]]:
@@ -116,7 +137,7 @@ def split_sources(builder: tfds.core.DatasetBuilder, data_config, data_dir: str)
     data.eval_split (defaults train / validation)."""
     name = data_config.tfds_name.strip()
     splits = {}
-    for field, default in (("train_split", "train"), ("eval_split", "validation")):
+    for field, default in _SPLIT_FIELDS:
         split = data_config.get(field, default)
         try:
             splits[field] = (split, builder.as_data_source(split))
@@ -142,7 +163,7 @@ def tfds_corpus(data_config, data_dir: str) -> TextCorpus:
     """`data.tfds_name`: a tfds dataset already prepared in data_dir (never downloaded here)."""
     name = data_config.tfds_name.strip()
     text_key = data_config.get("text_key", "text")
-    builder = prepared_builder(name, data_dir)
+    builder = prepared_builder(name, data_dir, data_config)
     features = list(builder.info.features.keys())
     if text_key not in features:
         raise UserError(

@@ -1,4 +1,4 @@
-"""Rows of local CSV, TSV and JSONL files, with errors that name the file, row and line.
+"""Rows of CSV, TSV and JSONL files (local or gs://), with errors that name the file, row and line.
 
 CSV and TSV follow RFC 4180 quoting (a quoted field may hold the delimiter, quotes written
 twice, tabs and newlines); the first non-empty record is the header. JSONL holds one JSON object
@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from jaxlm.data import bucket_data
 from jaxlm.errors import UserError
 
 FORMATS = ("auto", "csv", "tsv", "jsonl")
@@ -47,10 +48,10 @@ def file_format(path: str, requested: str = "auto") -> str:
 def read_text(path: str) -> str:
     """The file as text; invalid UTF-8 is a UserError naming the line and byte."""
     try:
-        with open(path, "rb") as f:
+        with bucket_data.open_binary(path) as f:
             data = f.read()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read it ({e.strerror}); check the path and permissions") from None
+    except OSError as e:  # A bucket's errors may have no strerror.
+        raise UserError(f"{path}: cannot read it ({e.strerror or e}); check the path and permissions") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -12,6 +12,7 @@ import dataclasses
 import tensorflow_datasets as tfds
 from absl import logging
 
+from jaxlm import io
 from jaxlm.data import builders, documents
 from jaxlm.errors import UserError
 
@@ -204,7 +205,10 @@ def prepare_text_dataset(config: TextFilesConfig, data_dir: str, builder_cls=Non
     builder, reused = builders.prepare(builder_cls or JaxlmTextFiles, config, data_dir, download_config)
     report = builders.read_record(builder, REPORT_FILENAME)
     action = "Reusing" if reused else "Prepared"
-    logging.info("%s dataset %s in %s", action, report["dataset"], builder.data_path)
+    where = builder.data_path
+    if io.is_remote(data_dir):
+        where = f"{data_dir} (this host reads its copy in {builder.data_path})"
+    logging.info("%s dataset %s in %s", action, report["dataset"], where)
     builders.log_split_counts(report)
     return PreparedText(builder=builder, report=report, reused=reused)
 

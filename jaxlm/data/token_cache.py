@@ -3,7 +3,8 @@
 Layout: <data_dir>/jaxlm_token_cache/<dataset_id>/<split>-<tokenizer fingerprint>.npy holds
 doc_0 EOS doc_1 EOS ... doc_n EOS (EOS after every document: the packing for causal LM), and a
 .json beside it holds the counts needed for bits per byte. Both are written aside and renamed,
-so concurrent hosts or a kill never leave a partial file behind.
+so concurrent hosts or a kill never leave a partial file behind. A bucket data_dir (gs://)
+keeps its token caches in this host's cache instead (bucket_data.local_root).
 """
 
 import dataclasses
@@ -18,7 +19,7 @@ import numpy as np
 from absl import logging
 
 from jaxlm import io
-from jaxlm.data import builders
+from jaxlm.data import builders, bucket_data
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.data.sources import TextSplit
 from jaxlm.errors import UserError
@@ -46,7 +47,10 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def cache_paths(
     data_dir: str, dataset_id: str, split: str, tokenizer_fingerprint: str
 ) -> tuple[str, str]:
-    """(.npy path, .json path). Split names like 'train[:10%]' get a safe name plus a hash."""
+    """(.npy path, .json path). Split names like 'train[:10%]' get a safe name plus a hash.
+    Under a bucket data_dir, in this host's cache: the cache is per host, and memory-mapped."""
+    if io.is_remote(data_dir):
+        data_dir = bucket_data.local_root(data_dir)
     safe_split = re.sub(r"[^A-Za-z0-9_-]+", "_", split).strip("_")
     if safe_split != split:
         safe_split += "_" + hashlib.sha256(split.encode()).hexdigest()[:8]
