@@ -5,8 +5,8 @@
 The run is opened as every command opens one (`jaxlm.run.find_run(…).open()`): config.json plus
 --config.* overrides (e.g. another data.eval_file), then the task's eval data; only the params
 are restored, straight into this machine's shardings; the metrics come from the training loop's
-own evaluation (`jaxlm.eval_loop.evaluate`), so they are the numbers training logs. Results go to DIR/eval/<split>_step<N>.json and TensorBoard
-(DIR/eval/<split>/).
+own evaluation (`jaxlm.eval_loop.evaluate`), so they are the numbers training logs. Results go to
+DIR/eval/<split>_step<N>.json and TensorBoard (DIR/eval/<split>/), on local disk or a bucket (gs://).
 """
 
 import dataclasses
@@ -17,7 +17,7 @@ import jax
 import ml_collections
 from clu import metric_writers
 
-from jaxlm import config_checks, eval_loop, io
+from jaxlm import config_checks, eval_loop, io, writers
 from jaxlm import run as run_lib
 from jaxlm.resolve import check_batch_layout
 from jaxlm.errors import UserError
@@ -78,7 +78,10 @@ def evaluate_checkpoint(workdir: str, overrides: dict[str, str], step: Optional[
         io.write_json_atomic(json_path, {
             "step": run.step, "split": split_name, "checkpoint": str(found.source.path),
             "devices": jax.device_count(), **scalars, **({"report": report} if report != scalars else {})})
-        writer = metric_writers.SummaryWriter(str(io.path(workdir) / EVAL_DIRNAME / split_name))
+        events_dir = io.path(workdir) / EVAL_DIRNAME / split_name
+        # On a bucket the events are written locally and uploaded (TensorFlow's GCS client is not used).
+        writer = (writers.BucketSummaryWriter(events_dir) if io.is_remote(events_dir)
+                  else metric_writers.SummaryWriter(str(events_dir)))
         writer.write_scalars(run.step, scalars)
         writer.close()
     return EvalResult(run.step, split_name, scalars, report, str(json_path))

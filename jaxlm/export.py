@@ -4,14 +4,15 @@
 
 The family (GPT-2, Llama or BERT) follows from the run's model config (`match_family`, checked
 before anything is read); the architecture from the task's head. The weights are the params
-only (no optimizer state), written as float32; a padded vocabulary is kept as it is.
+only (no optimizer state), written as float32; a padded vocabulary is kept as it is. Either
+directory may be on a bucket (gs://).
 """
 
 import dataclasses
-import os
 from typing import Optional
 
 from jaxlm import config as config_lib
+from jaxlm import io
 from jaxlm.convert import export_hf, match_family
 from jaxlm.errors import UserError
 from jaxlm.run import find_run
@@ -29,10 +30,10 @@ def export_run(workdir: str, out_dir: str, overrides: dict[str, str], step: Opti
                best: bool = False) -> ExportResult:
     found = find_run(workdir, step=step, best=best, overrides=overrides)
     family = match_family(config_lib.model_config(found.config))
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
+    if io.list_dir(out_dir):  # On a bucket: any object under the prefix.
         raise UserError(f"--out={out_dir} is not empty: export into a new (or empty) directory")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    if io.is_file(out_dir):
         raise UserError(f"--out={out_dir} is a file: give a directory")
     run = found.open()
     export_hf(run.model.model_config, run.params, out_dir, family=family, tokenizer=run.tokenizer)
-    return ExportResult(run.step, family, out_dir, sorted(os.listdir(out_dir)))
+    return ExportResult(run.step, family, out_dir, io.list_dir(out_dir))

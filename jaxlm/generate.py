@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlm import io
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.errors import UserError
 from jaxlm.models import Model, ModelConfig
@@ -235,11 +236,12 @@ def read_prompts(prompt: Optional[str], prompts_file: Optional[str]) -> list[str
         if ext not in PROMPT_FORMATS:
             raise UserError(f"--prompts_file={prompts_file}: unknown format {ext or '(no extension)'!r}; "
                             f"use {', '.join(PROMPT_FORMATS)}")
+        if not io.is_file(prompts_file):
+            raise UserError(f"--prompts_file={prompts_file}: no such file")
         try:
-            with open(prompts_file, encoding="utf-8") as f:
-                text = f.read()
-        except OSError as e:
-            raise UserError(f"--prompts_file={prompts_file}: {e.strerror or e}") from None
+            text = io.read_bytes(prompts_file).decode("utf-8")  # Local or on a bucket.
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--prompts_file={prompts_file}: {getattr(e, 'strerror', None) or e}") from None
         try:
             if ext == ".txt":
                 prompts += [line for line in text.splitlines() if line.strip()]

@@ -6,11 +6,12 @@
     write_predictions("out.csv", rows, predictions, classifier.label_names)
 
 Input: CSV / TSV / JSONL (the text in --text_column, default the run's data.text_column) or plain
-text (.txt: one text per non-empty line). Output (.csv, .tsv or .jsonl, by extension): the input's
-columns, then `label` (the predicted class name), `score` (its probability) and one
-`prob_<class>` column per class. Rows are tokenized exactly as training tokenized them (same
-tokenizer, same truncation to seq_len) and run through the eval model in batches of a fixed size,
-padded to one of a few lengths, so a file compiles at most a handful of programs.
+text (.txt: one text per non-empty line); either file may be on a bucket (gs://). Output (.csv,
+.tsv or .jsonl, by extension): the input's columns, then `label` (the predicted class name),
+`score` (its probability) and one `prob_<class>` column per class. Rows are tokenized exactly as
+training tokenized them (same tokenizer, same truncation to seq_len) and run through the eval
+model in batches of a fixed size, padded to one of a few lengths, so a file compiles at most a
+handful of programs.
 """
 
 import csv
@@ -192,14 +193,14 @@ def write_predictions(path: str, rows: Sequence[InputRow], predictions: Predicti
     if io.exists(path) and not overwrite:
         raise UserError(f"--output={path} exists; choose another name or pass --overwrite")
     parent = io.path(path).parent
-    if not io.is_dir(parent):
+    if not io.is_remote(path) and not io.is_dir(parent):  # A bucket prefix needs no creating.
         raise UserError(f"--output={path}: directory {parent} does not exist; create it first")
     prob_columns = _column_names(label_names)
     added = ["label", "score", *prob_columns]
     clash = sorted({k for r in rows for k in r.values} & set(added))
     # Input columns named like ours keep their values under an 'input_' prefix.
     rename = {k: f"input_{k}" for k in clash}
-    with io.open_atomic(path) as f:  # Streamed to a temp file beside `path`, renamed when complete.
+    with io.open_atomic(path) as f:  # A temp file renamed when complete, or one upload to a bucket.
         if fmt == "jsonl":
             for row, label, probs in zip(rows, predictions.labels, predictions.probs):
                 record = {rename.get(k, k): v for k, v in row.values.items()}
@@ -220,14 +221,14 @@ def run_predict(workdir: str, input_path: str, output_path: str, overrides: dict
                 batch_size: int = 64, overwrite: bool = False) -> tuple[Classifier, Predictions]:
     """The whole command: checks that cost nothing first, then the model, then the rows."""
     output_format(output_path)
-    if os.path.exists(output_path) and not overwrite:
+    if io.exists(output_path) and not overwrite:
         raise UserError(f"--output={output_path} exists; choose another name or pass --overwrite")
-    if os.path.abspath(output_path) == os.path.abspath(input_path):
+    if io.path(output_path) == io.path(input_path):
         raise UserError(f"--output={output_path} is the input file; write the predictions to another file")
     if batch_size < 1:
         raise UserError(f"--batch_size={batch_size}: must be at least 1")
     input_format(input_path)
-    if not os.path.isfile(input_path):
+    if not io.is_file(input_path):
         raise UserError(f"--input={input_path}: no such file")
     found = run_lib.find_run(workdir, step=step, best=best, overrides=overrides)
     config = found.config

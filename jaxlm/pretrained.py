@@ -7,8 +7,10 @@
 A Hugging Face directory (config.json + model.safetensors + tokenizer files; BERT, GPT-2 or Llama
 families) is read by jaxlm/convert (safetensors only, never remote code, offline). A jaxlm run
 directory gives its config.json model section, its tokenizer and the params of its latest
-checkpoint (the optimizer state is not read). Either way the body is loaded and every head part
-whose shape fits is kept; the rest of the head (e.g. a classifier for new labels) starts fresh.
+checkpoint (the optimizer state is not read). Either may be on a bucket (gs://): the model
+directory is copied into this host's cache to be read, and data.tokenizer keeps the gs:// path.
+Either way the body is loaded and every head part whose shape fits is kept; the rest of the head
+(e.g. a classifier for new labels) starts fresh.
 """
 
 import dataclasses

@@ -38,6 +38,17 @@ def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--best", action="store_true", help="the best checkpoint (DIR/best, kept with best_metric)")
 
 
+def check_bucket_exists(flag: str, path: str) -> None:
+    """An output on a bucket (gs://b/…) needs bucket b: a missing one is a UserError before any
+    work, not a failed upload after it. Local paths pass (their commands check them)."""
+    from jaxlm import io  # pylint: disable=import-outside-toplevel
+    if not path or not io.is_remote(path):
+        return
+    bucket = "/".join(path.split("/")[:3])  # scheme://name
+    if not io.is_dir(bucket):
+        raise UserError(f"{flag}={path}: bucket {bucket} does not exist (or these credentials cannot see it)")
+
+
 def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("multi-host (GPU clusters and tests; TPU VMs need none)")
     group.add_argument("--coordinator_address", default=None, help="HOST:PORT of process 0")

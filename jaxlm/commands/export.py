@@ -15,11 +15,12 @@ NEEDS = ("workdir", "out")
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
     common.add_checkpoint_flags(parser)
-    parser.add_argument("--out", required=False, help="new (or empty) output directory")
+    parser.add_argument("--out", required=False, help="new (or empty) output directory, local or gs://")
 
 
 def run(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from jaxlm import export  # pylint: disable=import-outside-toplevel
+    common.check_bucket_exists("--out", args.out)
     console.log_to_workdir(args.workdir)
     result = export.export_run(args.workdir, args.out, overrides, step=args.step, best=args.best)
     print(f"exported step {result.step} as a Hugging Face {result.family} model to {result.out_dir}: "

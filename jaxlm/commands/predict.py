@@ -29,6 +29,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     import numpy as np  # pylint: disable=import-outside-toplevel
     from jaxlm import predict  # pylint: disable=import-outside-toplevel
+    common.check_bucket_exists("--output", args.output)
     console.log_to_workdir(args.workdir)
     classifier, predictions = predict.run_predict(
         args.workdir, args.input, args.output, overrides, step=args.step, best=args.best,

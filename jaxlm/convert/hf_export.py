@@ -9,18 +9,22 @@ BertForSequenceClassification; a body (plus cls_head/pooler alone) -> BertModel 
 A padded vocabulary is written as is (vocab_size = the padded size); a causal LM exported with
 its tokenizer gets a generation_config.json that never picks the padding ids (suppress_tokens),
 as `jaxlm generate` never does. The tokenizer is written as `export_tokenizer` frames it. Output
-is deterministic: float32 tensors, sorted JSON; every file's mode follows the umask.
+is deterministic: float32 tensors, sorted JSON; every file's mode follows the umask. An out_dir on
+a bucket (gs://) is written locally first and uploaded, model.safetensors last.
 """
 
 import json
 import os
+import shutil
 import stat
+import tempfile
 from typing import Any, Optional
 
 import numpy as np
 from flax import linen as nn
 from safetensors.numpy import save_file
 
+from jaxlm import io
 from jaxlm.convert import families as fam
 from jaxlm.convert.hf_tokenizer import export_tokenizer
 from jaxlm.convert.hf_import import CONFIG, INDEX, TOP_LEVEL, WEIGHTS
@@ -65,12 +69,15 @@ def _architecture(family: str, params: dict) -> tuple[str, str]:
 
 def export_hf(cfg: ModelConfig, params: dict, out_dir: str, family: Optional[str] = None,
               tokenizer: Any = None) -> str:
-    """Write `out_dir`/config.json + model.safetensors (+ the tokenizer's files). Returns out_dir.
+    """Write `out_dir` (local or gs://)/config.json + model.safetensors (+ the tokenizer's files).
+    Returns out_dir.
 
     params: Model params ({'body': ..., head params}) or a bare body; boxed or not, any dtype
     (written as float32). family: None to infer it with `match_family`, else checked.
     """
     out_dir = os.fspath(out_dir)
+    if io.is_remote(out_dir):
+        return _export_to_bucket(cfg, params, out_dir, family, tokenizer)
     if family is None:
         family = match_family(cfg)
     elif family not in fam.FAMILIES:
@@ -179,6 +186,22 @@ def export_hf(cfg: ModelConfig, params: dict, out_dir: str, family: Optional[str
     os.chmod(weights_path, stat.S_IMODE(os.stat(config_path).st_mode))
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def _export_to_bucket(cfg: ModelConfig, params: dict, out_dir: str, family: Optional[str], tokenizer: Any) -> str:
+    """export_hf into local scratch (JAXLM_CACHE_DIR/exports/), then uploaded. A bucket has no
+    directory rename, so model.safetensors goes last: a directory without it is an upload cut short."""
+    if io.exists(io.path(out_dir) / INDEX):
+        raise UserError(f"{out_dir}/{INDEX} exists: export into an empty directory (or remove the old shards)")
+    parent = os.path.join(io.cache_dir(), "exports")
+    os.makedirs(parent, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix="hf-", dir=parent)
+    try:
+        export_hf(cfg, params, scratch, family=family, tokenizer=tokenizer)
+        io.copy_tree(scratch, out_dir, last=WEIGHTS)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return out_dir
 
 

@@ -1,6 +1,6 @@
 """Import a Hugging Face checkpoint directory (BERT, GPT-2, Llama/Mistral/Qwen2) into jaxlm.
 
-    cfg, params, info = load_hf_model("path/to/model")   # offline; safetensors only
+    cfg, params, info = load_hf_model("path/to/model")   # offline; safetensors only; or gs://…
     logits = Model(cfg, **info["model_kwargs"]).apply({"params": params}, tokens)
 
 Weights are read with `safetensors` only (one `model.safetensors` or the shards listed in
@@ -22,6 +22,7 @@ import numpy as np
 from flax import linen as nn
 from safetensors import safe_open
 
+from jaxlm import io
 from jaxlm.convert import families as fam
 from jaxlm.errors import UserError
 from jaxlm.models.config import ModelConfig
@@ -34,6 +35,17 @@ INDEX = "model.safetensors.index.json"
 TOP_LEVEL = ("cls.", "classifier.", "lm_head.", "score.")
 # Buffers some checkpoints carry that are not parameters.
 BUFFERS = ("position_ids", ".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
+
+
+def local_model_dir(model_dir: str) -> str:
+    """`model_dir` itself when local; a bucket's (gs://) copied whole into this host's cache first:
+    the weights are memory-mapped, which needs a local file."""
+    if not io.is_remote(model_dir):
+        return model_dir
+    if not io.is_file(io.path(model_dir) / CONFIG):
+        raise UserError(f"{model_dir}/{CONFIG} not found: pass a Hugging Face model directory (with {CONFIG} "
+                        f"and {WEIGHTS})")
+    return io.local_copy(model_dir)
 
 
 def read_config(model_dir: str) -> dict:
@@ -202,7 +214,7 @@ def load_hf_model(model_dir: str, *, scan_layers: bool = True) -> tuple[ModelCon
     'lm_head', 'mlm_head', 'pooler', 'classifier', in jaxlm layout), unused_tensors, files,
     hf_config.
     """
-    model_dir = os.fspath(model_dir)
+    model_dir = local_model_dir(os.fspath(model_dir))
     hf_config = read_config(model_dir)
     where = os.path.join(model_dir, CONFIG)
     model_type = hf_config.get("model_type")

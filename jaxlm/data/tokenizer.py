@@ -123,8 +123,38 @@ def _from_pretrained(spec: str, local_files_only: bool):
     )
 
 
+# A model directory (init_from's) keeps its weights beside the tokenizer: never copied for it.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".h5", ".msgpack", ".pt", ".pth", ".ckpt", ".gguf", ".onnx")
+
+
+def _bucket_tokenizer_copy(spec: str) -> str:
+    """Bucket directory `spec`'s top-level files but model weights, copied afresh into this host's
+    cache (transformers reads local files only); replaced by rename, as io.local_copy does."""
+    parent = os.path.join(io.cache_dir(), "bucket_copies")
+    os.makedirs(parent, exist_ok=True)
+    target = os.path.join(parent, "tokenizer-" + hashlib.sha256(spec.encode()).hexdigest()[:16])
+    staging = tempfile.mkdtemp(prefix=".copy-", dir=parent)
+    try:
+        for name in io.list_dir(spec):
+            if not name.endswith(_WEIGHT_SUFFIXES) and io.is_file(io.path(spec) / name):
+                io.copy_file(io.path(spec) / name, os.path.join(staging, name))
+        try:
+            os.rename(target, f"{staging}.old")
+        except FileNotFoundError:
+            pass
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not os.path.isdir(target):  # Else another process of this host just made the same copy.
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(f"{staging}.old", ignore_errors=True)
+    return target
+
+
 def load_tokenizer(spec: str, workdir: str) -> transformers.PreTrainedTokenizerBase:
-    """Loads the tokenizer named by `data.tokenizer`: 'bpe', a local directory, or a hub name."""
+    """Loads the tokenizer named by `data.tokenizer`: 'bpe', a directory (local or gs://), or a hub name."""
     spec = spec.strip()
     if spec == BPE_SPEC:
         directory = workdir_tokenizer_dir(workdir)
@@ -135,7 +165,12 @@ def load_tokenizer(spec: str, workdir: str) -> transformers.PreTrainedTokenizerB
             )
         local = io.local_copy(directory) if io.is_remote(directory) else directory
         return _from_pretrained(local, local_files_only=True)
-    expanded = os.path.expanduser(spec)
+    if io.is_remote(spec):
+        if not io.is_dir(spec):
+            raise UserError(f"data.tokenizer={spec}: no such directory on the bucket; fix the path")
+        expanded = _bucket_tokenizer_copy(spec)
+    else:
+        expanded = os.path.expanduser(spec)
     if os.path.isdir(expanded):
         try:
             return _from_pretrained(expanded, local_files_only=True)
