@@ -59,7 +59,7 @@ class _ReadFile(beam.DoFn):
     def process(self, element):
         group, file_index, path = element
         worker = f"{socket.gethostname()}:{os.getpid()}"
-        progress = builders.Progress(f"worker {worker}: {os.path.basename(path)}", os.path.getsize(path))
+        progress = builders.Progress(f"worker {worker}: {os.path.basename(path)}", builders.file_size(path))
         count = 0
         try:
             for count, raw in enumerate(documents.raw_documents(path, self._doc_split, _FIELD[group]), 1):
