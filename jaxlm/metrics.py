@@ -4,8 +4,12 @@ Train metrics stay on device between log intervals: each step returns a `TrainMe
 merge is plain jnp arithmetic, dispatched asynchronously; only `compute()` at a log step syncs.
 """
 
+import contextlib
 import functools
+import json
 import math
+import os
+import re
 import time
 
 import flax
@@ -96,7 +100,17 @@ PEAK_FLOPS = {
 
 @functools.cache
 def measured_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a float32 n×n matmul on the default device: the MFU denominator on a CPU."""
+    """FLOP/s of a float32 n×n matmul on the default device: the MFU denominator on a CPU.
+
+    Measured once per host and kept in its cache (JAXLM_CACHE_DIR), keyed by the device, the
+    core count and the jax version: the measurement costs ~100 GFLOP, seconds of every start on
+    a small CPU, for a figure that does not change between runs."""
+    device = jax.devices()[0]
+    key = f"{device.platform}-{device.device_kind}-{os.cpu_count()}-{jax.__version__}-{n}"
+    memo = os.path.join(_cache_dir(), "matmul_peak", re.sub(r"[^A-Za-z0-9_.-]+", "_", key) + ".json")
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        with open(memo) as f:
+            return float(json.load(f)["flops"])
     x = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda a: a @ a)
     f(x).block_until_ready()
@@ -105,7 +119,19 @@ def measured_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
         t = time.perf_counter()
         f(x).block_until_ready()
         times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / min(times)  # The best run: a peak, as in benchmarks/peers/peak_matmul.py.
+    peak = 2 * n ** 3 / min(times)  # The best run: a peak, as in benchmarks/peers/peak_matmul.py.
+    try:
+        from jaxlm import io  # pylint: disable=import-outside-toplevel
+        os.makedirs(os.path.dirname(memo), exist_ok=True)
+        io.write_json_atomic(memo, {"flops": peak, "key": key, "measured": time.strftime("%Y-%m-%d %H:%M:%S")})
+    except OSError as e:  # A read-only cache only costs the next start the measurement.
+        logging.warning("could not keep the matmul peak in %s: %s", memo, e)
+    return peak
+
+
+def _cache_dir() -> str:
+    from jaxlm import io  # pylint: disable=import-outside-toplevel  # io imports gcsfs: only when needed.
+    return io.cache_dir()
 
 
 def device_peak_flops() -> tuple[float, str]:
