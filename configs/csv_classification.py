@@ -8,6 +8,15 @@ run's own BPE tokenizer; or fine-tune a pretrained model with --config.init_from
 
     # Fine-tune a Hugging Face model directory (BERT, GPT-2 or Llama family) or a jaxlm run:
     ... --config.init_from=/path/to/hf_model_or_jaxlm_run
+    # ... or train LoRA adapters on it (the model stays frozen; the classifier trains in full):
+    ... --config.init_from=/path/to/hf_model --config.peft.method=lora [--config.peft.rank=8]
+
+With init_from the run takes fine-tuning defaults instead of this recipe's from-scratch optimizer
+values (which suit the small encoder below): peak learning rate finetune.learning_rate (5e-5;
+finetune.peft_learning_rate, 5e-4, with LoRA), warmup over finetune.warmup_fraction (10%) of the
+steps, weight decay 0.01 on matrices only, and the source model's dropout. A field given on the
+command line (e.g. --config.optim.learning_rate=1e-4) keeps its value; the log says which values
+were chosen ("fine-tuning defaults (init_from=...): optim.learning_rate=5e-05, ...").
 
 Without data.eval_file a fixed random 10% of the rows is held out. The label names are stored
 with the prepared data and in DIR/config.json (data.label_names); eval/precision, eval/recall

@@ -119,6 +119,29 @@ FIELDS: dict[str, tuple[Any, str]] = {
     "mlm.mask_token_rate": (0.8, "of those, the fraction replaced by the mask token"),
     "mlm.random_token_rate": (0.1, "of those, the fraction replaced by a random token (the rest stay unchanged)"),
 
+    # Fine-tuning defaults (jaxlm/peft/finetuning.py): a run with init_from takes these instead of the
+    # recipe's from-scratch values, except for the fields named in finetune.keep.
+    "finetune.defaults": (True, "with init_from: optim.learning_rate, optim.warmup_steps, optim.weight_decay "
+                          "(never on norms, biases, embeddings) and model.dropout take the finetune.* values "
+                          "(false: the recipe's, and the source's dropout)"),
+    "finetune.learning_rate": (5e-5, "peak learning rate of full fine-tuning"),
+    "finetune.peft_learning_rate": (5e-4, "peak learning rate with peft.method=lora (adapters want a higher rate)"),
+    "finetune.warmup_fraction": (0.1, "warmup as a fraction of steps"),
+    "finetune.weight_decay": (0.01, "decoupled weight decay of the matrices"),
+    "finetune.dropout": (-1.0, "model.dropout (-1: the source model's, e.g. a BERT's hidden_dropout_prob)"),
+    "finetune.keep": ("", "comma-separated fields the fine-tuning defaults leave as they are (a recipe's own "
+                      "fine-tuning values); jaxlm train adds every --config.* field of its command line"),
+
+    # Parameter-efficient fine-tuning (jaxlm/peft/): adapters on a frozen init_from base.
+    "peft.method": ("none", "none | lora (low-rank adapters on a frozen init_from model) | adalora (not yet)"),
+    "peft.rank": (8, "LoRA rank r of every adapter"),
+    "peft.alpha": (8.0, "LoRA alpha: adapters add (alpha / rank) * A.B to their kernel"),
+    "peft.dropout": (0.0, "dropout on the adapters' input: only 0 (adapters are merged into the weights in the step)"),
+    "peft.targets": ("attn/(query|key|value|out)/kernel$", "regex (re.search) over '/'-joined param paths: the "
+                     "kernels that get adapters, e.g. 'attn/(query|value)/kernel$' or add 'mlp/(wi|wo)/kernel$'"),
+    "peft.trainable": ("^cls_head/", "regex over param paths: what trains in full besides the adapters (default: "
+                       "the classification head); everything else is frozen"),
+
     "mesh.data": (-1, "data-parallel axis size (-1: the devices left over)"),
     "mesh.fsdp": (1, "fully-sharded data-parallel axis size (-1: the devices left over)"),
     "mesh.tensor": (1, "tensor-parallel axis size (-1: the devices left over)"),
@@ -171,7 +194,17 @@ def load_recipe(spec: str, overrides: dict[str, str]) -> ml_collections.ConfigDi
     config = load_config(spec)
     check_known_fields(config)
     apply_overrides(config, overrides)
+    keep_command_line(config, overrides)
     return config
+
+
+def keep_command_line(config: ml_collections.ConfigDict, overrides: dict[str, str]) -> None:
+    """Adds the command line's fields to finetune.keep: the fine-tuning defaults never replace
+    what the user set (jaxlm/peft/finetuning.py)."""
+    if "finetune" not in config or not overrides:
+        return
+    kept = [k.strip() for k in str(config.finetune.keep).split(",") if k.strip()]
+    config.finetune.keep = ",".join(kept + sorted(k for k in overrides if k not in kept))
 
 
 def parse_value(text: str, current: Any, field: str) -> Any:

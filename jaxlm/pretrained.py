@@ -133,7 +133,25 @@ def restore_params(state_dir: str) -> dict:
     return restored["params"]
 
 
+def _resolve_peft_adapters(config: ml_collections.ConfigDict, path: str) -> PretrainedSource:
+    """A PEFT LoRA directory: its base model (base_model_name_or_path) with the adapters merged in
+    and its saved modules (e.g. the classifier) in place; the run then starts from that model."""
+    from jaxlm.peft import hf_format  # pylint: disable=import-outside-toplevel
+    base = hf_format.adapter_base(path)
+    source = _resolve_huggingface(config, base)
+    logging.info("init_from %s: a Hugging Face PEFT LoRA on %s, merged into it", path, base)
+
+    def load(abstract_params):
+        return hf_format.apply_adapters(source.load_params(abstract_params), abstract_params, base, path)
+
+    return PretrainedSource("peft", path, load)
+
+
 def _resolve_run(config: ml_collections.ConfigDict, path: str, saved: dict) -> PretrainedSource:
+    if (saved.get("peft") or {}).get("method", "none") != "none":
+        raise UserError(f"init_from={path} is a peft.method={saved['peft']['method']} run: its checkpoints hold "
+                        f"adapters, not a whole model; export it merged (jaxlm export --workdir={path} --out=DIR) "
+                        "and start from DIR")
     steps = checkpoint_steps(path)
     if not steps:
         raise UserError(f"{io.path(path) / 'checkpoints'}: no checkpoint to start from; train that run first "
@@ -161,6 +179,8 @@ def resolve_init_from(config: ml_collections.ConfigDict) -> Optional[PretrainedS
     if not io.is_dir(path):
         raise UserError(f"init_from={spec}: no such directory; give a jaxlm run directory or a Hugging Face "
                         "model directory (config.json, model.safetensors, tokenizer files)")
+    if io.is_file(io.path(path) / "adapter_config.json"):  # a Hugging Face PEFT adapter directory
+        return _resolve_peft_adapters(config, path)
     config_path = os.fspath(io.path(path) / "config.json")
     if not io.is_file(config_path):
         raise UserError(f"{config_path} not found: init_from must be a jaxlm run directory or a Hugging Face "

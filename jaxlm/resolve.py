@@ -17,6 +17,7 @@ import ml_collections
 
 from jaxlm import config_checks, pretrained, sharding
 from jaxlm.errors import UserError
+from jaxlm.peft import finetuning
 from jaxlm.tasks import get_task
 
 
@@ -42,10 +43,11 @@ def check_batch_layout(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
 def resolve_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) -> ResolvedRun:
     """Resolves `config` in place, in the order the facts become known; nothing is written into
     `workdir` except a tokenizer a fresh run trains (it is the run's own)."""
-    init_source = pretrained.resolve_init_from(config)  # The source's model and tokenizer.
+    saved = config_checks.saved_run_config(workdir)  # Read once: {} for a fresh workdir.
+    # The source's model and tokenizer; the peft checks and fine-tuning defaults (jaxlm/peft/finetuning.py).
+    init_source = finetuning.resolve_init_from(config, saved)
     config_checks.validate(config)
     check_batch_layout(config, mesh)
-    saved = config_checks.saved_run_config(workdir)  # Read once: {} for a fresh workdir.
     config_checks.keep_saved_loader(workdir, saved, config)
     task = get_task(config.task)
     data = task.build_data(config, workdir, jax.process_index(), jax.process_count())

@@ -20,6 +20,8 @@ from absl import logging
 from jaxlm import restore, sharding
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.errors import UserError
+from jaxlm.peft import adapted as peft_adapted
+from jaxlm.peft import inference as peft_inference
 from jaxlm.sharded_model import ShardedModel
 
 
@@ -58,7 +60,10 @@ class RunCheckpoint:
         tokenizer = tokenizer_lib.load_tokenizer(self.config.data.tokenizer, self.workdir)
         logging.info("%s: step %d, %s parameters on mesh %s", self.workdir, self.source.step,
                      f"{model.num_params:,}", dict(model.mesh.shape))
-        params = restore.restore_params(self.source, model.abstract_params, model.param_shardings)
+        if peft_adapted.enabled(self.config):  # adapters + trained head, merged onto init_from's base
+            params = peft_inference.merged_params(self.config, model, self.source)
+        else:
+            params = restore.restore_params(self.source, model.abstract_params, model.param_shardings)
         return OpenedRun(self.workdir, self.config, self.source.step, model, params, tokenizer)
 
 

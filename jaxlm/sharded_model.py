@@ -36,6 +36,7 @@ class ShardedModel:
         self.train_model = Model(mc, deterministic=False, **model_kwargs)
         self.eval_model = Model(mc, deterministic=True, **model_kwargs)
         boxed = jax.eval_shape(self.init_params, jax.random.key(0))
+        self.boxed_params = boxed  # abstract, with logical axis names (peft derives its adapters' from them)
         self.param_shardings = sharding.param_shardings(boxed, mesh, self.rules)
         self.abstract_params = nn.unbox(boxed)
         self.num_params = count_params(self.abstract_params)

@@ -89,7 +89,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     config, data = run.config, run.data
 
     # == 2. Model, optimizer, shardings =======================================================
-    trainer = Trainer(config, mesh)
+    trainer = Trainer(config, mesh, init_source=run.init_source)  # peft: its frozen base, on every start
     logging.info("model: %s parameters; mesh %s", f"{trainer.num_params:,}", dict(mesh.shape))
     if is_primary:
         io.make_dirs(workdir)
