@@ -101,3 +101,14 @@ def test_encoding_ignores_saved_truncation(trained):
     whole = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert len(whole) > 2
     assert tokenizer_lib.BatchEncoder(truncating)([text]) == [whole]
+
+
+def test_fingerprint_ignores_truncation_and_padding_state(trained):
+    """A classifier's encoding leaves truncation/padding set on the tokenizer: its fingerprint
+    (the data id a resume checks) must be the one it had before, or a second resume is refused."""
+    _, out_dir = trained
+    fresh = transformers.AutoTokenizer.from_pretrained(out_dir, local_files_only=True)
+    before = tokenizer_lib.fingerprint(fresh)
+    fresh(TEXTS[:3], truncation=True, max_length=4, padding="max_length")
+    assert fresh.backend_tokenizer.truncation is not None, "the call should have left its state behind"
+    assert tokenizer_lib.fingerprint(fresh) == before

@@ -232,7 +232,9 @@ def pad_id(tokenizer: transformers.PreTrainedTokenizerBase) -> int:
 
 def fingerprint(tokenizer: transformers.PreTrainedTokenizerBase) -> str:
     """A hash that changes whenever the tokenizer would produce different ids."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
+    # Without truncation or padding: those are per-call state (a classifier's encoding sets them),
+    # and a hash taken after an encode must equal one taken before it (a resume checks it).
+    backend = _plain_backend(tokenizer)
     if backend is not None:
         description = backend.to_str()  # Vocab, merges, normalizer, pre-tokenizer, added tokens.
     else:
