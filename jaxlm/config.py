@@ -125,7 +125,7 @@ FIELDS: dict[str, tuple[Any, str]] = {
                           "(never on norms, biases, embeddings) and model.dropout take the finetune.* values "
                           "(false: the recipe's, and the source's dropout)"),
     "finetune.learning_rate": (5e-5, "peak learning rate of full fine-tuning"),
-    "finetune.peft_learning_rate": (5e-4, "peak learning rate with peft.method=lora (adapters want a higher rate)"),
+    "finetune.peft_learning_rate": (5e-4, "peak learning rate with peft.method=lora or adalora (adapters want a higher rate)"),
     "finetune.warmup_fraction": (0.1, "warmup as a fraction of steps"),
     "finetune.weight_decay": (0.01, "decoupled weight decay of the matrices"),
     "finetune.dropout": (-1.0, "model.dropout (-1: the source model's, e.g. a BERT's hidden_dropout_prob)"),
@@ -133,7 +133,8 @@ FIELDS: dict[str, tuple[Any, str]] = {
                       "fine-tuning values); jaxlm train adds every --config.* field of its command line"),
 
     # Parameter-efficient fine-tuning (jaxlm/peft/): adapters on a frozen init_from base.
-    "peft.method": ("none", "none | lora (low-rank adapters on a frozen init_from model) | adalora (not yet)"),
+    "peft.method": ("none", "none | lora (low-rank adapters on a frozen init_from model) | adalora (SVD-form "
+                    "adapters whose ranks are pruned to a budget during training)"),
     "peft.rank": (8, "LoRA rank r of every adapter"),
     "peft.alpha": (8.0, "LoRA alpha: adapters add (alpha / rank) * A.B to their kernel"),
     "peft.dropout": (0.0, "dropout on the adapters' input: only 0 (adapters are merged into the weights in the step)"),
@@ -141,6 +142,15 @@ FIELDS: dict[str, tuple[Any, str]] = {
                      "kernels that get adapters, e.g. 'attn/(query|value)/kernel$' or add 'mlp/(wi|wo)/kernel$'"),
     "peft.trainable": ("^cls_head/", "regex over param paths: what trains in full besides the adapters (default: "
                        "the classification head); everything else is frozen"),
+    # AdaLoRA (jaxlm/peft/adalora.py; names as Hugging Face peft's AdaLoraConfig, total_step = steps).
+    "peft.init_r": (12, "AdaLoRA: initial rank of every adapted matrix (peft.alpha / init_r scales the update)"),
+    "peft.target_r": (8, "AdaLoRA: average rank at the end (total budget = target_r x adapted matrices)"),
+    "peft.tinit": (0, "AdaLoRA: steps of warmup before any pruning"),
+    "peft.tfinal": (0, "AdaLoRA: last steps with the final rank mask frozen"),
+    "peft.delta_t": (1, "AdaLoRA: steps between two rank allocations (peft's deltaT)"),
+    "peft.beta1": (0.85, "AdaLoRA: EMA factor of the sensitivity |w * grad|"),
+    "peft.beta2": (0.85, "AdaLoRA: EMA factor of the sensitivity's uncertainty"),
+    "peft.orth_reg_weight": (0.5, "AdaLoRA: weight of the orthogonality regulariser |P'P - I| + |QQ' - I| in the loss"),
 
     "mesh.data": (-1, "data-parallel axis size (-1: the devices left over)"),
     "mesh.fsdp": (1, "fully-sharded data-parallel axis size (-1: the devices left over)"),

@@ -25,6 +25,7 @@ from jaxlm import metrics as metrics_lib
 from jaxlm import sharding
 from jaxlm.best_checkpoint import BestCheckpoint
 from jaxlm.checkpoint import Checkpointer
+from jaxlm.peft import adalora
 from jaxlm.resolve import resolve_run
 from jaxlm.trainer import CompiledSteps, Trainer
 from jaxlm.writers import METRICS_FILE, create_writer, truncate_metrics
@@ -219,6 +220,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if best is not None:
         best.close()
     writer.close()
+    if final.get("step") == config.steps:  # AdaLoRA: the final rank of every matrix
+        adalora.write_ranks(workdir, trainer.adapted, state.opt_state, is_primary)
     final["wall_seconds"] = time.time() - start_time
     return final
 

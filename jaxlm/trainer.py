@@ -54,6 +54,9 @@ class Trainer(ShardedModel):
         else:
             trained, trained_shardings = self.adapted.abstract, self.adapted.shardings
         self.tx, self.schedule = make_optimizer(config.optim, config.steps)
+        full_tx = self.tx  # what full fine-tuning would use (the log's optimizer-state comparison)
+        if self.adapted is not None:  # AdaLoRA: rank allocation acts on the update, its state in opt_state
+            self.tx = self.adapted.wrap_optimizer(self.tx, config.steps)
         # The optimizer state mirrors the trained params' shardings.
         abstract_opt = jax.eval_shape(self.tx.init, trained)
         self.state_shardings = TrainState(
@@ -63,7 +66,7 @@ class Trainer(ShardedModel):
                                          opt_state=abstract_opt)
         if self.adapted is not None:
             logging.info("%s", self.adapted.describe())
-            full = tree_bytes(jax.eval_shape(self.tx.init, self.abstract_params))
+            full = tree_bytes(jax.eval_shape(full_tx.init, self.abstract_params))
             own = tree_bytes(abstract_opt)
             logging.info("optimizer state: %s bytes, %.2f%% of full fine-tuning's %s bytes", f"{own:,}",
                          100 * own / max(full, 1), f"{full:,}")
@@ -128,12 +131,17 @@ class Trainer(ShardedModel):
         rng = jax.random.fold_in(jax.random.key(self.config.seed), state.step)
 
         def loss_sums(params, micro, micro_rng):
+            penalty = None
             if self.adapted is not None:
+                penalty = self.adapted.penalty(params)  # AdaLoRA's orthogonality term (LoRA: None)
                 params = self.adapted.merge(frozen, params)
             with nn.logical_axis_rules(self.rules):
                 logits = self.train_model.apply({"params": params}, **self.task.model_inputs(micro),
                                                 rngs={"dropout": micro_rng})
-            return self.task.loss(logits, micro)
+            loss_sum, weight = self.task.loss(logits, micro)
+            if penalty is not None:  # weighted so that the mean loss gets + penalty
+                loss_sum = loss_sum + penalty * weight
+            return loss_sum, weight
 
         grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
         if accum == 1:

@@ -297,7 +297,7 @@ def test_no_defaults_from_scratch_nor_for_a_run_from_before_them(tiny_hf):
 
 @pytest.mark.parametrize("flags, needles", [
     (["--config.init_from="], ["peft.method=lora adapts a pretrained model", "init_from"]),
-    (["--config.peft.method=adalora"], ["peft.method=adalora", "not available yet"]),
+    (["--config.peft.method=adalora", "--config.peft.target_r=20"], ["peft.target_r=20", "peft.init_r=12"]),
     (["--config.peft.dropout=0.1"], ["peft.dropout=0.1", "not supported"]),
     (["--config.peft.targets=mlp/nothing"], ["peft.targets='mlp/nothing' matches no kernel"]),
 ])

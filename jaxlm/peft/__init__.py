@@ -1,7 +1,8 @@
-"""Parameter-efficient fine-tuning: adapters on a frozen pretrained base (LoRA; AdaLoRA next).
+"""Parameter-efficient fine-tuning: adapters on a frozen pretrained base (LoRA, AdaLoRA).
 
     targets.py     which kernels get adapters and which params train in full (regexes over paths)
     lora.py        the LoRA method: adapter arrays, their init, their logical axes, the weight delta
+    adalora.py     the AdaLoRA method: SVD-form adapters, orthogonality term, rank allocation in the step
     adapted.py     `AdaptedParams`: the trainable tree (adapters + full params), its shardings, the
                    frozen rest, merging both into the model's params inside the jitted step
     finetuning.py  fine-tuning defaults and the peft.* checks, where init_from is resolved

@@ -25,10 +25,11 @@ from jaxlm import sharding
 from jaxlm.compat import mesh_context
 from jaxlm.errors import UserError
 from jaxlm.peft import targets as targets_lib
+from jaxlm.peft.adalora import AdaLoRA
 from jaxlm.peft.lora import LoRA
 from jaxlm.peft.targets import Path, Target, flatten, unflatten
 
-METHODS = {"lora": LoRA}
+METHODS = {"lora": LoRA, "adalora": AdaLoRA}
 ADAPTER_RNG_STREAM = 0x10A  # fold_in constant: the adapters' init stream, apart from the model's
 
 
@@ -37,15 +38,14 @@ def enabled(config: ml_collections.ConfigDict) -> bool:
 
 
 def make_method(peft: ml_collections.ConfigDict):
-    if peft.method == "adalora":
-        raise UserError("peft.method=adalora: not available yet (AdaLoRA is being added next to LoRA); "
-                        "use peft.method=lora")
     if peft.method not in METHODS:
         raise UserError(f"peft.method={peft.method!r}: choose none, lora or adalora")
     if peft.dropout:
         raise UserError(f"peft.dropout={peft.dropout}: adapter dropout is not supported (jaxlm merges the adapters "
                         "into the weights inside the step, so they have no input of their own to drop out); "
                         "set peft.dropout=0 and use model.dropout")
+    if peft.method == "adalora":
+        return AdaLoRA(peft)
     return METHODS[peft.method](peft.rank, peft.alpha)
 
 
@@ -101,6 +101,18 @@ class AdaptedParams:
             base = flat[t.path]
             flat[t.path] = base + self.method.delta(adapter, t).astype(base.dtype)
         return unflatten(flat)
+
+    def penalty(self, trainable: dict) -> Optional[Any]:
+        """The method's regulariser on the adapters (AdaLoRA's orthogonality term), None if it has none."""
+        if not hasattr(self.method, "penalty"):
+            return None
+        return self.method.penalty(trainable["adapters"], self.targets)
+
+    def wrap_optimizer(self, tx, total_steps: int):
+        """The run's optimizer, wrapped by the method when it acts on the update (AdaLoRA's rank allocation)."""
+        if not hasattr(self.method, "wrap_optimizer"):
+            return tx
+        return self.method.wrap_optimizer(tx, self.targets, total_steps)
 
     def describe(self) -> str:
         """The log line: method, adapted kernels, trainable parameters as a count and a share."""

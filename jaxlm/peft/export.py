@@ -43,6 +43,9 @@ def export_adapters(workdir: str, out_dir: str, overrides: dict[str, str], step:
     if not adapted_lib.enabled(config):
         raise UserError(f"--adapters_only: the run in {workdir} trained no adapters (peft.method=none); "
                         "export the whole model without --adapters_only")
+    if config.peft.method == "adalora":
+        raise UserError(f"--adapters_only: the run in {workdir} is an AdaLoRA run, which has no PEFT-format export "
+                        "yet; export the merged model (without --adapters_only), which keeps its pruned ranks")
     family = match_family(config_lib.model_config(config))
     if io.list_dir(out_dir):
         raise UserError(f"--out={out_dir} is not empty: export into a new (or empty) directory")

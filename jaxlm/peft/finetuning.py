@@ -24,7 +24,7 @@ from jaxlm.errors import UserError
 from jaxlm.peft import adapted, targets
 
 # peft fields a resumed run must keep: its checkpoints hold adapters of that shape and meaning.
-PEFT_RESUME_FIELDS = ("method", "rank", "alpha", "targets", "trainable")
+PEFT_RESUME_FIELDS = ("method", "rank", "alpha", "targets", "trainable", "init_r")  # init_r: AdaLoRA's shapes
 
 
 def resolve_init_from(config: ml_collections.ConfigDict, saved: dict) -> Optional[pretrained.PretrainedSource]:
