@@ -36,6 +36,8 @@ FIELDS: dict[str, tuple[Any, str]] = {
     "checkpoint_every_minutes": (0.0, "also save when this many minutes passed since the last save (0: off)"),
     "keep_checkpoints": (3, "how many recent checkpoints to keep"),
     "async_checkpointing": (True, "write checkpoints in the background"),
+    "lease_timeout_minutes": (5.0, "jaxlm train holds DIR/lease.json; another run takes it over once the holder's "
+                              "heartbeat is this old (at once when the holder's pid on this host is gone)"),
     "init_from": ("", "a jaxlm run or Hugging Face model directory to start from (its model and tokenizer win)"),
     "train_time_budget_minutes": (0.0, "stop after this many minutes of the loop, then evaluate and save (0: off)"),
     "best_metric": ("", "keep the params of the best evaluation by this metric in DIR/best ('' : off), e.g. eval/f1"),

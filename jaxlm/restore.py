@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from jaxlm import config as config_lib
-from jaxlm import io, sharding
+from jaxlm import bucket_probe, io, sharding
 from jaxlm.best_checkpoint import BEST_DIRNAME, BEST_JSON
 from jaxlm.checkpoint import abstract_with_shardings, checkpoint_dir
 from jaxlm.config_checks import saved_run_config
@@ -43,8 +43,9 @@ def load_run_config(workdir: str, overrides: dict[str, str]) -> ml_collections.C
 
     The mesh is reset to this machine's default (every device data-parallel): a checkpoint is
     restored onto whatever devices are here, not the mesh that wrote it. `--config.mesh.*`
-    overrides still apply.
+    overrides still apply. A bucket workdir is probed first (one line, not 30 s of retries).
     """
+    bucket_probe.check_reachable(workdir)
     saved = saved_run_config(workdir)
     if not saved:
         raise UserError(f"{_path(workdir, 'config.json')} not found: --workdir must be a jaxlm run directory "

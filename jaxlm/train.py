@@ -3,7 +3,8 @@
 Reads top to bottom in labelled sections: resolve (mesh, config, data) → model and optimizer →
 restore or initialise → compile → loop (step, log, evaluate, checkpoint) → final report.
 Nothing is written into the workdir until every check that can fail on user input has passed
-(a fresh run's own tokenizer excepted). The step itself lives in `jaxlm.trainer`.
+(a fresh run's own tokenizer excepted, and the lease, DIR/lease.json, which goes again however
+the run ends). The step itself lives in `jaxlm.trainer`.
 """
 
 import re
@@ -20,7 +21,7 @@ from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
 from jaxlm import config as config_lib
-from jaxlm import eval_loop, io
+from jaxlm import bucket_probe, eval_loop, io, lease
 from jaxlm import metrics as metrics_lib
 from jaxlm import sharding
 from jaxlm.best_checkpoint import BestCheckpoint
@@ -80,7 +81,14 @@ def time_budget_spent(loop_start: float, step: int, config: ml_collections.Confi
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains (or resumes) the run in `workdir`; returns the final metrics."""
+    """Trains (or resumes) the run in `workdir`; returns the final metrics. A bucket workdir is
+    probed first; the run holds the workdir's lease (DIR/lease.json) throughout."""
+    bucket_probe.check_reachable(workdir)
+    with lease.hold(workdir, config.lease_timeout_minutes):
+        return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     start_time = time.time()
     is_primary = jax.process_index() == 0
 
@@ -100,10 +108,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checkpointer = Checkpointer(workdir, every_steps=config.checkpoint_every,
                                 every_minutes=config.checkpoint_every_minutes,
                                 keep=config.keep_checkpoints, asynchronous=config.async_checkpointing)
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        logging.info("resuming from step %d", latest)
-        state = checkpointer.restore(latest, trainer.abstract_sharded_state(), data.train_iter)
+    resumed = checkpointer.restore_latest(trainer.abstract_sharded_state(), data.train_iter)
+    if resumed is not None:
+        latest, state = resumed
         if is_primary:
             truncate_metrics(workdir, latest)
     else:

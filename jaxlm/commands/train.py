@@ -26,6 +26,8 @@ def run(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     config = config_lib.load_recipe(args.config, overrides)
     common.initialize_distributed(args)
     primary = common.is_primary()
+    from jaxlm import bucket_probe  # pylint: disable=import-outside-toplevel
+    bucket_probe.check_reachable(args.workdir)  # Before the log file's first look at the workdir.
     # The log file opens once training has validated everything and written DIR/config.json.
     console.log_to_workdir(args.workdir, primary=primary, wait_for_config=True)
     console.tfds_prints_to_log()
