@@ -1,8 +1,11 @@
 """Several processes on localhost (gloo collectives), as hosts of a pod slice would be.
 
-2 processes x 4 CPU devices must train (20 steps) exactly like 1 process x 8 devices on the same mesh;
-SIGTERM to both saves one agreed step and resumes exactly; a dead peer stops the survivor;
-classification metrics summed over both hosts' shards equal scikit-learn's.
+A pod on one machine: 2 processes x 4 CPU devices, each with its own HOME, TMPDIR and caches,
+workdir and data on a bucket (a real GCS server on localhost, tests/gcs_server.py), must train
+(20 steps) like 1 process x 8 devices on the same mesh; SIGTERM to both saves one agreed step and
+the rerun resumes it exactly; a truncated newest checkpoint falls back to the one before. A dead
+peer stops the survivor; classification metrics summed over both hosts' shards equal
+scikit-learn's.
 """
 
 import csv
@@ -19,7 +22,9 @@ import pytest
 import sklearn.metrics
 
 from cli_runner import REPO, cli_env, losses, read_metrics, run_cli, runlocal_train
-from jaxlm import cli
+from gcs_server import gcs  # noqa: F401  (the module-scoped fixture)
+
+from jaxlm import cli, io, restore
 from sample_data import write_reviews
 
 MESH = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
@@ -32,7 +37,7 @@ def data_dir(tmp_path_factory):
 
 
 def train_args(workdir, data_dir):
-    return runlocal_train(workdir, data_dir, STEPS, "--config.checkpoint_every=10", *MESH)
+    return runlocal_train(workdir, data_dir, STEPS, "--config.checkpoint_every=5", *MESH)
 
 
 def free_port() -> int:
@@ -41,15 +46,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_two(workdir, data_dir, log_dir, args=None) -> list[subprocess.Popen]:
+def start_two(workdir, data_dir, log_dir, args=None, envs=None) -> list[subprocess.Popen]:
     port = free_port()
     procs = []
+    os.makedirs(log_dir, exist_ok=True)
     for i in range(2):
         args_i = (args or train_args(workdir, data_dir)) + [
             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
             "--heartbeat_timeout=10"]
         log = open(os.path.join(log_dir, f"process{i}.log"), "w")
-        procs.append(subprocess.Popen([sys.executable, "-m", "jaxlm", *args_i], cwd=REPO, env=cli_env(4),
+        env = cli_env(4, envs[i] if envs else None)
+        procs.append(subprocess.Popen([sys.executable, "-m", "jaxlm", *args_i], cwd=REPO, env=env,
                                       stdout=log, stderr=subprocess.STDOUT))
     return procs
 
@@ -87,35 +94,90 @@ def one_process_run(tmp_path_factory, data_dir):
     return workdir
 
 
-def test_two_processes_match_one_process(tmp_path, data_dir, one_process_run):
-    workdir = str(tmp_path / "two")
-    codes = wait_all(start_two(workdir, data_dir, str(tmp_path)))
-    assert codes == [0, 0], log_text(tmp_path, 0)[-3000:] + log_text(tmp_path, 1)[-3000:]
-    want, got = losses(one_process_run), losses(workdir)
-    assert sorted(got) == list(range(1, STEPS + 1))
-    for step in range(1, STEPS + 1):
+def host_env(root, i: int, gcs) -> dict:  # noqa: F811
+    """Host i of a pod: its own HOME, TMPDIR, jaxlm cache and compilation cache; only the
+    bucket in common with the other host."""
+    env = dict(gcs.env)
+    for name, sub in (("HOME", "home"), ("TMPDIR", "tmp"), ("JAXLM_CACHE_DIR", "cache"),
+                      ("JAX_COMPILATION_CACHE_DIR", "compile_cache")):
+        env[name] = os.path.join(root, f"host{i}", sub)
+        os.makedirs(env[name], exist_ok=True)
+    return env
+
+
+def start_pod(root, workdir, data_dir, gcs) -> list[subprocess.Popen]:  # noqa: F811
+    args = runlocal_train(workdir, data_dir, STEPS, "--config.checkpoint_every=5", *MESH)
+    return start_two(workdir, data_dir, root, args, envs=[host_env(root, i, gcs) for i in range(2)])
+
+
+def bucket_losses(gcs, workdir):  # noqa: F811
+    with gcs.environ():
+        return {r["step"]: r["train/loss"] for r in io.read_jsonl(f"{workdir}/metrics.jsonl") if "train/loss" in r}
+
+
+def assert_within_1e6(got, want, steps):
+    for step in steps:
         assert abs(got[step] - want[step]) <= 1e-6 * abs(want[step]), (step, got[step], want[step])
-    # Both hosts wrote their own data-iterator state into the checkpoints.
-    data_files = sorted(os.listdir(os.path.join(workdir, "checkpoints", str(STEPS), "data")))
-    assert [f for f in data_files if f.startswith("process_")] == ["process_0-of-2.json", "process_1-of-2.json"]
 
 
-def test_sigterm_to_both_saves_one_step_and_resumes_exactly(tmp_path, data_dir, one_process_run):
-    workdir = str(tmp_path / "preempted")
-    procs = start_two(workdir, data_dir, str(tmp_path))
-    wait_for_step(workdir, procs, 8)
+def test_a_pod_on_a_bucket_matches_one_process_resumes_sigterm_and_skips_a_corrupt_checkpoint(
+        tmp_path, one_process_run, gcs):  # noqa: F811
+    """2 processes x 4 devices, each with its own HOME/TMPDIR/caches, workdir and data on the
+    bucket. SIGTERM to both saves one agreed step; the rerun resumes it and every step is the
+    1 x 8 run's within 1e-6. A copy of the stopped run with its newest checkpoint truncated
+    resumes from the one before, again within 1e-6 of the reference at every step."""
+    root, prefix = str(tmp_path), gcs.fresh_prefix()
+    workdir, data_dir = f"{prefix}/runs/pod", f"{prefix}/tfds"
+    procs = start_pod(os.path.join(root, "first"), workdir, data_dir, gcs)
+    deadline = time.time() + 400
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+        if max(bucket_losses(gcs, workdir) if gcs.object_names(f"{workdir}/metrics.jsonl") else {0: 0}) >= 12:
+            break
+        time.sleep(0.3)
     for p in procs:
         p.send_signal(signal.SIGTERM)
-    codes = wait_all(procs, timeout=120)
-    assert codes == [0, 0], log_text(tmp_path, 0)[-3000:] + log_text(tmp_path, 1)[-3000:]
-    stopped = max(losses(workdir))
-    saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
-    assert saved[-1] == stopped and 8 <= stopped < STEPS, (saved, stopped)
-    codes = wait_all(start_two(workdir, data_dir, str(tmp_path)))
-    assert codes == [0, 0], log_text(tmp_path, 0)[-3000:]
-    want, got = losses(one_process_run), losses(workdir)
-    for step in range(stopped + 1, STEPS + 1):
-        assert abs(got[step] - want[step]) <= 1e-6 * abs(want[step]), (step, got[step], want[step])
+    codes = wait_all(procs, timeout=180)
+    first_logs = [log_text(os.path.join(root, "first"), i) for i in range(2)]
+    assert codes == [0, 0], first_logs[0][-3000:] + first_logs[1][-3000:]
+    stopped = max(bucket_losses(gcs, workdir))
+    with gcs.environ():
+        saved = restore.checkpoint_steps(workdir)
+    assert saved[-1] == stopped and 12 <= stopped < STEPS, (saved, stopped)
+    # Both hosts wrote their data-iterator state into the agreed step, on the bucket.
+    names = gcs.object_names(f"{workdir}/checkpoints/{stopped}/data/")
+    assert sum(n.endswith(("process_0-of-2.json", "process_1-of-2.json")) for n in names) == 2, names
+    # Data: prepared once by process 0 into the bucket; each host staged its own copy.
+    assert any(n.endswith("dataset_info.json") for n in gcs.object_names(f"{data_dir}/")), "no prepared data"
+    for i in range(2):
+        staged = [f for _, _, fs in os.walk(os.path.join(root, "first", f"host{i}", "cache")) for f in fs]
+        assert any(".array_record" in f for f in staged), f"host {i} has no local copy of the data"
+
+    # A copy of the stopped run whose newest checkpoint lost bytes of one file.
+    corrupt = f"{prefix}/runs/corrupt"
+    with gcs.environ():
+        io.copy_tree(workdir, corrupt)
+        victim = max((n for n in gcs.object_names(f"{corrupt}/checkpoints/{stopped}/")
+                      if "/state/" in n or "/params/" in n), key=lambda n: int(gcs.objects(n)[n]["size"]))
+        url = f"gs://{gcs.bucket}/{victim}"
+        io.write_bytes_atomic(url, io.read_bytes(url)[:7])
+
+    procs = start_pod(os.path.join(root, "resume"), workdir, data_dir, gcs)
+    codes = wait_all(procs)
+    assert codes == [0, 0], log_text(os.path.join(root, "resume"), 0)[-3000:]
+    assert f"resuming from step {stopped}" in log_text(os.path.join(root, "resume"), 0)
+    want, got = losses(one_process_run), bucket_losses(gcs, workdir)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert_within_1e6(got, want, range(1, STEPS + 1))
+
+    procs = start_pod(os.path.join(root, "corrupt"), corrupt, data_dir, gcs)
+    codes = wait_all(procs)
+    text = log_text(os.path.join(root, "corrupt"), 0)
+    assert codes == [0, 0], text[-3000:]
+    previous = max(s for s in saved if s < stopped)
+    assert f"step {stopped}" in text and f"resuming from step {previous}" in text, text[-3000:]
+    got = bucket_losses(gcs, corrupt)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert_within_1e6(got, want, range(1, STEPS + 1))
 
 
 def test_kill9_of_one_process_stops_the_other_within_60s(tmp_path, data_dir):
