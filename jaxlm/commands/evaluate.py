@@ -25,6 +25,8 @@ def run(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from jaxlm import evaluate  # pylint: disable=import-outside-toplevel
     common.initialize_distributed(args)
     primary = common.is_primary()
+    from jaxlm import bucket_probe  # pylint: disable=import-outside-toplevel
+    bucket_probe.check_reachable(args.workdir)  # One line, not gcsfs's 33 s of retries.
     console.log_to_workdir(args.workdir, primary=primary)
     console.tfds_prints_to_log()
     result = evaluate.evaluate_checkpoint(args.workdir, overrides, step=args.step, best=args.best, split=args.split)

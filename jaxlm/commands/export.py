@@ -24,6 +24,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from jaxlm import export  # pylint: disable=import-outside-toplevel
     common.check_bucket_exists("--out", args.out)
+    from jaxlm import bucket_probe  # pylint: disable=import-outside-toplevel
+    bucket_probe.check_reachable(args.workdir)  # One line, not gcsfs's 33 s of retries.
     console.log_to_workdir(args.workdir)
     if args.adapters_only:
         return _export_adapters(args, overrides)

@@ -36,6 +36,8 @@ def run(args: argparse.Namespace, overrides: dict[str, str]) -> int:
         raise UserError("--max_new_tokens and --num_samples must be at least 1")
     sampling = generate.Sampling(args.temperature, args.top_k, args.top_p)
     sampling.check()
+    from jaxlm import bucket_probe  # pylint: disable=import-outside-toplevel
+    bucket_probe.check_reachable(args.workdir)  # One line, not gcsfs's 33 s of retries.
     console.log_to_workdir(args.workdir)
     generator, tokenizer, _ = generate.load_run_generator(args.workdir, overrides, args.step, args.best)
     texts = [t for t in texts for _ in range(args.num_samples)]

@@ -30,6 +30,8 @@ def run(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     import numpy as np  # pylint: disable=import-outside-toplevel
     from jaxlm import predict  # pylint: disable=import-outside-toplevel
     common.check_bucket_exists("--output", args.output)
+    from jaxlm import bucket_probe  # pylint: disable=import-outside-toplevel
+    bucket_probe.check_reachable(args.workdir)  # One line, not gcsfs's 33 s of retries.
     console.log_to_workdir(args.workdir)
     classifier, predictions = predict.run_predict(
         args.workdir, args.input, args.output, overrides, step=args.step, best=args.best,
