@@ -172,7 +172,8 @@ class _Reader:
         return out, source
 
 
-def _nest(flat: dict) -> dict:
+def nest_paths(flat: dict) -> dict:
+    """{path tuple: leaf} -> the nested dict those paths describe (also jaxlm.peft's unflatten)."""
     tree: dict = {}
     for path, value in flat.items():
         node = tree
@@ -242,7 +243,7 @@ def load_hf_model(model_dir: str, *, scan_layers: bool = True) -> tuple[ModelCon
         layer, layer_source = reader.read(layout.layer, layer=i)
         flat.update({(f"layers_{i}",) + p: v for p, v in layer.items()})
         source.update({(f"layers_{i}",) + p: v for p, v in layer_source.items()})
-    body = _nest(flat)
+    body = nest_paths(flat)
 
     heads, head_sources = {}, {}
     required = {"mlm": ("mlm_head",), "classifier": ("pooler", "classifier"),
@@ -252,7 +253,7 @@ def load_hf_model(model_dir: str, *, scan_layers: bool = True) -> tuple[ModelCon
             continue
         found, part_source = reader.read(entries, required=part in required)
         if found is not None:
-            heads[part], head_sources[part] = _nest(found), part_source
+            heads[part], head_sources[part] = nest_paths(found), part_source
     if "mlm_head" in heads:
         _check_tied_decoder(reader, weights, body)
 

@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import flax.linen as nn
 
+from jaxlm.convert.hf_import import nest_paths
 from jaxlm.errors import UserError
 
 Path = tuple[str, ...]
@@ -40,13 +41,7 @@ def flatten(tree: Any, prefix: Path = ()) -> dict[Path, Any]:
 
 
 def unflatten(flat: dict[Path, Any]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
+    return nest_paths(flat)
 
 
 def subtree(tree: Any, paths: list[Path]) -> dict:
