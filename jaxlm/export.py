@@ -30,10 +30,15 @@ def export_run(workdir: str, out_dir: str, overrides: dict[str, str], step: Opti
                best: bool = False) -> ExportResult:
     found = find_run(workdir, step=step, best=best, overrides=overrides)
     family = match_family(config_lib.model_config(found.config))
+    check_out_dir(out_dir)
+    run = found.open()
+    export_hf(run.model.model_config, run.params, out_dir, family=family, tokenizer=run.tokenizer)
+    return ExportResult(run.step, family, out_dir, io.list_dir(out_dir))
+
+
+def check_out_dir(out_dir: str) -> None:
+    """--out must be a new or empty directory (local or gs://): an export never mixes with files."""
     if io.list_dir(out_dir):  # On a bucket: any object under the prefix.
         raise UserError(f"--out={out_dir} is not empty: export into a new (or empty) directory")
     if io.is_file(out_dir):
         raise UserError(f"--out={out_dir} is a file: give a directory")
-    run = found.open()
-    export_hf(run.model.model_config, run.params, out_dir, family=family, tokenizer=run.tokenizer)
-    return ExportResult(run.step, family, out_dir, io.list_dir(out_dir))

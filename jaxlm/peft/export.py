@@ -9,7 +9,6 @@ writes the merged model instead (W + (alpha/r)·A·B), loadable without peft. Ei
 be on a bucket (gs://): the files are written locally first, the weights uploaded last.
 """
 
-import dataclasses
 import os
 import shutil
 import tempfile
@@ -22,22 +21,15 @@ from jaxlm import config as config_lib
 from jaxlm import io, restore
 from jaxlm.convert import match_family
 from jaxlm.errors import UserError
+from jaxlm.export import ExportResult, check_out_dir
 from jaxlm.peft import adapted as adapted_lib
 from jaxlm.peft import hf_format
 from jaxlm.run import find_run
 from jaxlm.sharded_model import ShardedModel
 
 
-@dataclasses.dataclass
-class AdapterExport:
-    step: int
-    family: str
-    out_dir: str
-    files: list[str]
-
-
 def export_adapters(workdir: str, out_dir: str, overrides: dict[str, str], step: Optional[int] = None,
-                    best: bool = False) -> AdapterExport:
+                    best: bool = False) -> ExportResult:
     found = find_run(workdir, step=step, best=best, overrides=overrides)
     config = found.config
     if not adapted_lib.enabled(config):
@@ -47,10 +39,7 @@ def export_adapters(workdir: str, out_dir: str, overrides: dict[str, str], step:
         raise UserError(f"--adapters_only: the run in {workdir} is an AdaLoRA run, which has no PEFT-format export "
                         "yet; export the merged model (without --adapters_only), which keeps its pruned ranks")
     family = match_family(config_lib.model_config(config))
-    if io.list_dir(out_dir):
-        raise UserError(f"--out={out_dir} is not empty: export into a new (or empty) directory")
-    if io.is_file(out_dir):
-        raise UserError(f"--out={out_dir} is a file: give a directory")
+    check_out_dir(out_dir)
     model = ShardedModel(config, found.mesh)
     adapted = adapted_lib.build(config, model.boxed_params, model.mesh, model.rules)
     trained = jax.tree.map(np.asarray, jax.device_get(
@@ -66,7 +55,7 @@ def export_adapters(workdir: str, out_dir: str, overrides: dict[str, str], step:
     finally:
         if local != out_dir:
             shutil.rmtree(local, ignore_errors=True)
-    return AdapterExport(found.source.step, family, out_dir, files)
+    return ExportResult(found.source.step, family, out_dir, files)
 
 
 def _scratch_parent() -> str:
