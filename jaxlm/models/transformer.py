@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.models.config import ModelConfig
+# attention_mask is re-exported: tests/test_packing.py (and older callers) import it from here.
+from jaxlm.models.attention import attend, attention_mask, cached_attention, model_mask  # noqa: F401
 
 Array = jax.Array
 
@@ -171,19 +173,12 @@ class Attention(nn.Module):
         k = nn.with_logical_constraint(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
         v = nn.with_logical_constraint(v, ("activation_batch", "activation_length", "activation_kv_heads", None))
 
-        is_causal = cfg.causal and mask is None
         cached = self._update_cache(k, v, key_valid) if self.decode else None
+        # The implementation (model.attention_impl) and its mask are jaxlm.models.attention's.
         if cached is not None:
             out = cached_attention(q, *cached)
         else:
-            impl = None if cfg.attention_impl == "auto" else cfg.attention_impl
-            if impl is None and jax.default_backend() != "gpu":
-                impl = "xla"
-            # cudnn takes an arbitrary boolean mask (padding, or per-document segments) by turning
-            # it into a dense additive bias [B, 1, T, T]: correct, but it costs O(T^2) memory per
-            # example and the causal half is no longer skipped.
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
-                                               implementation=impl)
+            out = attend(cfg, q, k, v, mask, self.is_initializing())
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
         return Projection(cfg, "bthk,hkd->btd", (heads, hd, cfg.d_model), ("heads", "head_dim", "embed"),
                           (cfg.d_model,), name="out")(out)
@@ -215,18 +210,6 @@ class Attention(nn.Module):
         visible = jnp.arange(slots)[None, :] <= query_slot[:, None]  # [T, S]
         mask = visible[None, None] & valid.value[:, None, None, :]
         return cached_k.value, cached_v.value, mask
-
-
-def cached_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """Attention of q [B, T, heads, D] over a head-major cache k, v [B, kv_heads, S, D] with a
-    [B, 1, T, S] mask; logits and softmax in float32, as jax.nn.dot_product_attention's."""
-    batch, length, heads, dim = q.shape
-    kv_heads = k.shape[1]
-    q = q.reshape(batch, length, kv_heads, heads // kv_heads, dim)
-    logits = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * dim ** -0.5
-    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(batch, length, heads, dim)
 
 
 class Mlp(nn.Module):
@@ -324,7 +307,8 @@ class Transformer(nn.Module):
         x = self.embed(tokens, positions, token_type_ids)
         x = self.embed_dropout(x)
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
-        mask = None if self.decode else attention_mask(padding_mask, tokens.shape[1], cfg.causal, segment_ids)
+        mask = None if self.decode else model_mask(cfg, padding_mask, tokens.shape[1], segment_ids,
+                                                        self.is_initializing())
         if cfg.scan_layers:
             x, _ = self.layers(x, positions, mask, padding_mask)
         else:
@@ -337,23 +321,6 @@ class Transformer(nn.Module):
     def attend(self, x: Array) -> Array:
         """Logits through the tied token embedding."""
         return self.embed.attend(x)
-
-
-def attention_mask(padding_mask: Optional[Array], length: int, causal: bool,
-                   segment_ids: Optional[Array] = None) -> Optional[Array]:
-    """A [B, 1, T, T] boolean mask (padding keys ∧ same segment ∧ causal), or None when plain
-    causal masking suffices."""
-    if padding_mask is None and segment_ids is None:
-        return None
-    mask = None
-    if padding_mask is not None:
-        mask = padding_mask[:, None, None, :].astype(jnp.bool_)
-    if segment_ids is not None:
-        same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
-        mask = same if mask is None else mask & same
-    if causal:
-        mask = mask & jnp.tril(jnp.ones((length, length), jnp.bool_))[None, None]
-    return mask
 
 
 def segment_positions(segment_ids: Array) -> Array:
