@@ -75,18 +75,20 @@ def _memory(compiled) -> dict:
 
 
 
-def remat_recompute_flops_per_token(cfg, seq_len: int) -> float:
+def remat_recompute_flops_per_token(cfg, seq_len: int, chunked_loss: bool = False) -> float:
     """Matmul FLOPs the backward pass recomputes under the model's remat policy, per token.
 
     dots_no_batch saves the weight matmuls but not the batched attention matmuls (QK^T, AV:
     2 x 2·H·Q·T forward FLOPs per layer); full saves nothing, so each layer's forward runs
-    again; dots saves every matmul; none recomputes nothing.
+    again; dots saves every matmul; none recomputes nothing. The chunked loss (loss_chunk_size)
+    recomputes each chunk's vocabulary projection (2·d·V) instead of keeping its logits.
     """
     from jaxlm import metrics  # pylint: disable=import-outside-toplevel
     attention_fwd = 4 * cfg.num_layers * cfg.num_heads * cfg.dim_per_head * seq_len
     layer_matmuls = metrics.matmul_params(cfg) - cfg.d_model * cfg.vocab_size
-    return {"none": 0.0, "dots": 0.0, "dots_no_batch": float(attention_fwd),
-            "full": float(2 * layer_matmuls + attention_fwd)}[cfg.remat_policy]
+    loss = 2.0 * cfg.d_model * cfg.vocab_size if chunked_loss else 0.0
+    return loss + {"none": 0.0, "dots": 0.0, "dots_no_batch": float(attention_fwd),
+                   "full": float(2 * layer_matmuls + attention_fwd)}[cfg.remat_policy]
 
 
 def state_bytes_per_device(trainer) -> int:
@@ -131,7 +133,8 @@ def aot_report(config, topology: str, num_slices: int = 1, include_eval: bool = 
     tokens = config.global_batch_size * config.seq_len
     # A classifier's pooled head replaces the vocabulary projection: the task says which it has.
     model_flops = metrics.train_flops_per_token(cfg, config.seq_len, trainer.task.vocab_head) * tokens
-    recompute = remat_recompute_flops_per_token(cfg, config.seq_len) * tokens
+    chunked_loss = bool(config.get("loss_chunk_size", 0)) and trainer.task.vocab_head
+    recompute = remat_recompute_flops_per_token(cfg, config.seq_len, chunked_loss) * tokens
     report: dict[str, Any] = {
         "topology": topology, "num_slices": num_slices, "chip": chip,
         "device_kind": devices[0].device_kind, "num_devices": len(devices),
@@ -144,7 +147,8 @@ def aot_report(config, topology: str, num_slices: int = 1, include_eval: bool = 
                   "scan_layers": cfg.scan_layers, "remat_policy": cfg.remat_policy},
         "optimizer": config.optim.name,
         "batch": {"global_batch_size": config.global_batch_size, "seq_len": config.seq_len,
-                  "grad_accum_steps": config.grad_accum_steps, "tokens_per_step": tokens},
+                  "grad_accum_steps": config.grad_accum_steps, "tokens_per_step": tokens,
+                  "loss_chunk_size": int(config.get("loss_chunk_size", 0))},
         "flops": {"analytic_model_per_step": model_flops, "analytic_remat_recompute_per_step": recompute,
                   "analytic_hardware_per_step": model_flops + recompute},
     }
@@ -233,7 +237,8 @@ def format_report(report: dict) -> str:
         f"({m['kv_heads']} kv), d_ff {m['d_ff']}, vocab {m['vocab_size']}; compute {m['dtype']}, params "
         f"{m['param_dtype']}, remat {m['remat_policy']}, scan_layers {m['scan_layers']}; optimizer {r['optimizer']}",
         f"batch: {b['global_batch_size']} x {b['seq_len']} = {b['tokens_per_step']:,} tokens/step"
-        f"{', grad_accum ' + str(b['grad_accum_steps']) if b['grad_accum_steps'] > 1 else ''}; "
+        f"{', grad_accum ' + str(b['grad_accum_steps']) if b['grad_accum_steps'] > 1 else ''}"
+        f"{', loss chunks of ' + format(b['loss_chunk_size'], ',') + ' tokens' if b.get('loss_chunk_size') else ''}; "
         "compiled in " + ", ".join(f"{v:.1f}s ({k})" for k, v in r.get("compile_seconds", {}).items()),
     ]
     hbm = r["hbm_per_device_bytes"]
@@ -262,7 +267,7 @@ def format_report(report: dict) -> str:
     lines.append(f"  analytic model          {_flops(f['analytic_model_per_step'])}   "
                  f"(train_flops_per_token x {b['tokens_per_step']:,} tokens)")
     lines.append(f"  + remat recompute       {_flops(f['analytic_remat_recompute_per_step'])}   "
-                 f"(remat {m['remat_policy']})")
+                 f"(remat {m['remat_policy']}{' + chunked loss' if b.get('loss_chunk_size') else ''})")
     if f.get("compiled_per_step"):
         rest = f["compiled_per_step"] - f["analytic_hardware_per_step"]
         lines.append(f"  compiled / model        {f['compiled_over_model']:.4f}")

@@ -29,6 +29,8 @@ FIELDS: dict[str, tuple[Any, str]] = {
     "global_batch_size": (32, "sequences per optimizer step, over all hosts and devices"),
     "seq_len": (128, "tokens per training sequence"),
     "grad_accum_steps": (1, "micro-batches per step (global_batch_size is split into them)"),
+    "loss_chunk_size": (0, "causal_lm, masked_lm: tokens per chunk of the vocabulary projection + cross-entropy "
+                        "(train and eval loss; never the full [batch, seq, vocab] logits); 0: off, full logits"),
     "log_every": (50, "steps between train metric logs"),
     "eval_every": (500, "steps between evaluations (0: only at the end)"),
     "eval_batches": (0, "eval batches per evaluation (0: the whole eval split)"),
@@ -68,7 +70,7 @@ FIELDS: dict[str, tuple[Any, str]] = {
     "model.param_dtype": (_M.param_dtype, "parameter dtype (keep float32)"),
     "model.scan_layers": (_M.scan_layers, "nn.scan over layers: compile time independent of depth"),
     "model.remat_policy": (_M.remat_policy, "none | full | dots | dots_no_batch"),
-    "model.attention_impl": (_M.attention_impl, "auto | xla | cudnn (jax.nn.dot_product_attention)"),
+    "model.attention_impl": (_M.attention_impl, "auto (TPU: splash, GPU: cudnn, else xla) | xla | cudnn | splash"),
     "model.init_std": (_M.init_std, "stddev of the normal initializer"),
 
     "optim.name": ("adamw", "adamw | adafactor | lion | sgd"),

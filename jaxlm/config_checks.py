@@ -25,7 +25,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                   "keep_checkpoints"):
         if config[field] <= 0:
             raise UserError(f"{field}={config[field]}: must be positive")
-    for field in ("eval_every", "checkpoint_every", "eval_batches"):
+    for field in ("eval_every", "checkpoint_every", "eval_batches", "loss_chunk_size"):
         if config[field] < 0:
             raise UserError(f"{field}={config[field]}: must be 0 or positive")
     if config.global_batch_size % config.grad_accum_steps:

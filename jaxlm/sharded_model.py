@@ -52,8 +52,14 @@ class ShardedModel:
         with nn.logical_axis_rules(self.rules):
             return self.eval_model.apply({"params": params}, **self.task.model_inputs(batch))
 
+    @property
+    def loss_chunk_size(self) -> int:
+        """Tokens per chunk of the train and eval loss (0: full logits; jaxlm/tasks/chunked_loss.py)."""
+        return int(self.config.get("loss_chunk_size", 0))
+
     def eval_step(self, params: Any, batch: dict):
-        return self.task.eval_metrics(self.apply(params, batch), batch)
+        with nn.logical_axis_rules(self.rules):
+            return self.task.model_eval_metrics(self.eval_model, {"params": params}, batch, self.loss_chunk_size)
 
     def batch_layout(self, batch_example: dict) -> tuple[dict, dict]:
         """(shardings, abstract arrays) of a global batch shaped like `batch_example`."""

@@ -136,9 +136,9 @@ class Trainer(ShardedModel):
                 penalty = self.adapted.penalty(params)  # AdaLoRA's orthogonality term (LoRA: None)
                 params = self.adapted.merge(frozen, params)
             with nn.logical_axis_rules(self.rules):
-                logits = self.train_model.apply({"params": params}, **self.task.model_inputs(micro),
-                                                rngs={"dropout": micro_rng})
-            loss_sum, weight = self.task.loss(logits, micro)
+                loss_sum, weight = self.task.model_loss(self.train_model, {"params": params}, micro,
+                                                        rngs={"dropout": micro_rng},
+                                                        loss_chunk_size=self.loss_chunk_size)
             if penalty is not None:  # weighted so that the mean loss gets + penalty
                 loss_sum = loss_sum + penalty * weight
             return loss_sum, weight

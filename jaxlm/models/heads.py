@@ -17,16 +17,23 @@ class LMHead(nn.Module):
 
     cfg: ModelConfig
 
-    @nn.compact
+    def setup(self):
+        cfg = self.cfg
+        if not cfg.tie_embeddings:
+            self.kernel = self.param("kernel", normal_init(cfg, ("embed", "vocab")),
+                                     (cfg.d_model, cfg.vocab_size), cfg.weight_dtype)
+
     def __call__(self, x: Array, attend: Callable[[Array], Array]) -> Array:
         cfg = self.cfg
         if cfg.tie_embeddings:
             logits = attend(x)
         else:
-            kernel = self.param("kernel", normal_init(cfg, ("embed", "vocab")),
-                                (cfg.d_model, cfg.vocab_size), cfg.weight_dtype)
-            logits = jnp.einsum("btd,dv->btv", x, kernel.astype(cfg.compute_dtype))
+            logits = jnp.einsum("btd,dv->btv", x, self.kernel.astype(cfg.compute_dtype))
         return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+    def projection(self, embedding: Array) -> dict:
+        """The output projection's weights for `project_vocab` (the chunked loss)."""
+        return {"embedding": embedding} if self.cfg.tie_embeddings else {"kernel": self.kernel}
 
 
 class MLMHead(nn.Module):
@@ -34,18 +41,40 @@ class MLMHead(nn.Module):
 
     cfg: ModelConfig
 
-    @nn.compact
-    def __call__(self, x: Array, attend: Callable[[Array], Array]) -> Array:
+    def setup(self):
         cfg = self.cfg
-        h = nn.Dense(cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-                     kernel_init=normal_init(cfg, ("embed", "embed_out")), bias_init=zeros_init(("embed_out",)),
-                     name="transform")(x)
-        h = nn.gelu(h, approximate=cfg.activation == "gelu_tanh")
-        h = Norm(cfg, name="norm")(h)
-        logits = attend(h)
-        bias = self.param("bias", zeros_init(("vocab",)), (cfg.vocab_size,), cfg.weight_dtype)
-        logits = logits + bias.astype(logits.dtype)
+        self.transform = nn.Dense(cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                                  kernel_init=normal_init(cfg, ("embed", "embed_out")),
+                                  bias_init=zeros_init(("embed_out",)))
+        self.norm = Norm(cfg)
+        self.bias = self.param("bias", zeros_init(("vocab",)), (cfg.vocab_size,), cfg.weight_dtype)
+
+    def features(self, x: Array) -> Array:
+        """What the tied decoder projects: dense, activation, norm."""
+        h = nn.gelu(self.transform(x), approximate=self.cfg.activation == "gelu_tanh")
+        return self.norm(h)
+
+    def __call__(self, x: Array, attend: Callable[[Array], Array]) -> Array:
+        logits = attend(self.features(x))
+        logits = logits + self.bias.astype(logits.dtype)
         return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+    def projection(self, embedding: Array) -> dict:
+        return {"embedding": embedding, "bias": self.bias}
+
+
+def project_vocab(x: Array, head: dict, cfg: ModelConfig) -> Array:
+    """Vocabulary logits of features x [..., d_model] from a head's `projection()` weights, as the
+    heads compute them: tied {'embedding': [V, d]} or untied {'kernel': [d, V]}, plus 'bias' [V].
+    The weights are cast to the compute dtype here, so a caller can keep float32 ones."""
+    dtype = cfg.compute_dtype
+    if "embedding" in head:
+        logits = jnp.einsum("...d,vd->...v", x.astype(dtype), head["embedding"].astype(dtype))
+    else:
+        logits = jnp.einsum("...d,dv->...v", x.astype(dtype), head["kernel"].astype(dtype))
+    if "bias" in head:
+        logits = logits + head["bias"].astype(logits.dtype)
+    return logits
 
 
 class ClassificationHead(nn.Module):

@@ -48,3 +48,18 @@ class Model(nn.Module):
         if self.head == "mlm":
             return self.mlm_head(h, self.body.attend)
         return self.cls_head(h, padding_mask)
+
+    def loss_inputs(self, tokens: Array, *, positions: Optional[Array] = None,
+                    padding_mask: Optional[Array] = None,
+                    token_type_ids: Optional[Array] = None,
+                    segment_ids: Optional[Array] = None) -> tuple[Array, dict]:
+        """(features [B, T, d], projection weights) of a vocabulary head, without its logits:
+        `jaxlm.tasks.chunked_loss` projects them chunk by chunk (heads.project_vocab)."""
+        h = self.body(tokens, positions=positions, padding_mask=padding_mask,
+                      token_type_ids=token_type_ids, segment_ids=segment_ids)
+        embedding = self.body.embed.token.embedding  # the tied decoder (set up by the body's call)
+        if self.head == "lm":
+            return h, self.lm_head.projection(embedding)
+        if self.head == "mlm":
+            return self.mlm_head.features(h), self.mlm_head.projection(embedding)
+        raise ValueError(f"head {self.head!r} does not project onto the vocabulary")

@@ -75,6 +75,19 @@ class Task(abc.ABC):
     def eval_metrics(self, logits: jax.Array, batch: Batch) -> clu_metrics.Collection:
         """Per-batch eval metrics, merged over the eval split."""
 
+    # What the train and eval steps call: `model` is the flax jaxlm.models.Model, run on the batch
+    # with `variables` (and `rngs`, e.g. dropout). loss_chunk_size: the config's (0: off); tasks
+    # without a vocabulary head ignore it and take the full logits.
+    def model_loss(self, model: Any, variables: dict, batch: Batch, *, rngs: Optional[dict] = None,
+                   loss_chunk_size: int = 0) -> tuple[jax.Array, jax.Array]:
+        """`loss` of the model on `batch`."""
+        return self.loss(model.apply(variables, **self.model_inputs(batch), rngs=rngs), batch)
+
+    def model_eval_metrics(self, model: Any, variables: dict, batch: Batch,
+                           loss_chunk_size: int = 0) -> clu_metrics.Collection:
+        """`eval_metrics` of the model on `batch`."""
+        return self.eval_metrics(model.apply(variables, **self.model_inputs(batch)), batch)
+
     @abc.abstractmethod
     def eval_summary(self, computed: dict, data: Any) -> dict[str, float]:
         """Scalars for the writers, named eval/…"""

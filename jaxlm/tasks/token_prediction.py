@@ -12,6 +12,7 @@ from clu import metrics as clu_metrics
 
 from jaxlm.metrics import average, bits_per_byte, collection
 from jaxlm.tasks.base import Batch, Task
+from jaxlm.tasks.chunked_loss import chunked_cross_entropy
 
 
 @flax.struct.dataclass
@@ -27,6 +28,10 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Arra
     return jnp.sum(losses * weights), jnp.sum(weights)
 
 
+def _metrics(loss_sum, weight, correct) -> TokenEvalMetrics:
+    return collection(TokenEvalMetrics, loss=average(loss_sum, weight), accuracy=average(correct, weight))
+
+
 class TokenPredictionTask(Task):
     """A task whose head predicts tokens at weighted positions (batch: targets, weights)."""
 
@@ -38,8 +43,25 @@ class TokenPredictionTask(Task):
     def eval_metrics(self, logits: jax.Array, batch: Batch) -> TokenEvalMetrics:
         loss_sum, weight = self.loss(logits, batch)
         correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
-        return collection(TokenEvalMetrics, loss=average(loss_sum, weight),
-                          accuracy=average(jnp.sum(correct * batch["weights"]), weight))
+        return _metrics(loss_sum, weight, jnp.sum(correct * batch["weights"]))
+
+    # loss_chunk_size > 0: the vocabulary projection and the cross-entropy (and eval's accuracy)
+    # run chunk by chunk (jaxlm/tasks/chunked_loss.py); no full logits, in training or eval.
+    def model_loss(self, model, variables: dict, batch: Batch, *, rngs: Optional[dict] = None,
+                   loss_chunk_size: int = 0):
+        if not loss_chunk_size:
+            return super().model_loss(model, variables, batch, rngs=rngs)
+        return self._chunked(model, variables, batch, rngs, loss_chunk_size, with_accuracy=False)
+
+    def model_eval_metrics(self, model, variables: dict, batch: Batch, loss_chunk_size: int = 0) -> TokenEvalMetrics:
+        if not loss_chunk_size:
+            return super().model_eval_metrics(model, variables, batch)
+        return _metrics(*self._chunked(model, variables, batch, None, loss_chunk_size, with_accuracy=True))
+
+    def _chunked(self, model, variables, batch, rngs, chunk_size: int, with_accuracy: bool):
+        features, head = model.apply(variables, **self.model_inputs(batch), rngs=rngs, method="loss_inputs")
+        return chunked_cross_entropy(features, head, batch["targets"], batch["weights"], model.cfg,
+                                     chunk_size, with_accuracy)
 
     def tokens_per_byte(self, data: Any) -> Optional[float]:
         """Eval targets per UTF-8 byte of the eval text, for bits per byte (None: not reported)."""
