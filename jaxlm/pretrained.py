@@ -134,12 +134,12 @@ def restore_params(state_dir: str) -> dict:
 
 
 def _resolve_peft_adapters(config: ml_collections.ConfigDict, path: str) -> PretrainedSource:
-    """A PEFT LoRA directory: its base model (base_model_name_or_path) with the adapters merged in
+    """A PEFT adapter directory (LoRA or AdaLoRA): its base model (base_model_name_or_path) with the adapters merged in
     and its saved modules (e.g. the classifier) in place; the run then starts from that model."""
     from jaxlm.peft import hf_format  # pylint: disable=import-outside-toplevel
     base = hf_format.adapter_base(path)
     source = _resolve_huggingface(config, base)
-    logging.info("init_from %s: a Hugging Face PEFT LoRA on %s, merged into it", path, base)
+    logging.info("init_from %s: a Hugging Face PEFT adapter on %s, merged into it", path, base)
 
     def load(abstract_params):
         return hf_format.apply_adapters(source.load_params(abstract_params), abstract_params, base, path)

@@ -7,9 +7,16 @@ the final total rank is the target; the orthogonality term equals numpy's; a fre
 changes nothing (bitwise). Through the CLI on a tiny Hugging Face BERT: a 30-step run writes
 adalora_ranks.json with the target total rank; the same run killed with SIGKILL after its first
 checkpoint and rerun gives the uninterrupted run's train/loss at every step bitwise, and its ranks.
+On the real MiniLM: a 12-step run's `export --adapters_only` is peft's AdaLoRA layout (its
+rank_pattern = the run's final ranks, only the kept triplets saved) and loads with peft onto
+transformers' AutoModelForSequenceClassification with jaxlm's logits (1e-4), the merged export too.
+The recipe configs/minilm_sst2_adalora.py (and :runlocal) gives a valid budget schedule.
 """
 
 import json
+import os
+import re
+import shutil
 import time
 import types
 
@@ -18,13 +25,18 @@ import numpy as np
 import pytest
 
 from cli_runner import losses, start_cli
-from jaxlm import cli
+from conftest import minilm_dir
+from jaxlm import cli, pretrained
+from jaxlm import config as config_lib
+from jaxlm import run as run_lib
 from jaxlm.compat import mesh_context
 from jaxlm.peft import adalora
 from jaxlm.peft.targets import flatten
+from jaxlm.sharded_model import ShardedModel
 from jaxlm.trainer import Trainer
 import test_lora
 from test_lora import make_mesh, tiny_config, train_argv
+from test_lora_export import hf_inputs, jaxlm_logits, torch_logits
 
 source, tiny_hf = test_lora.source, test_lora.tiny_hf  # LoRA's module fixtures, built again for this module
 
@@ -232,3 +244,131 @@ def test_a_cli_run_reaches_the_target_rank_and_a_kill_9_resumes_bitwise(tmp_path
     assert sorted(again) == list(range(1, 31))
     assert again == first  # bitwise, every step (EMAs, mask and the count restored from the checkpoint)
     assert read_ranks(killed) == ranks
+
+
+# -- the real MiniLM: `export --adapters_only` as peft's AdaLoRA, loaded by peft -----------------------------
+HF_MODULES = {"query": "attention.self.query", "value": "attention.self.value", "out": "attention.output.dense"}
+
+
+def hf_ranks(ranks: dict) -> dict:
+    """adalora_ranks.json's {jaxlm matrix: rank} as {peft rank_pattern key: rank}."""
+    out = {}
+    for key, rank in ranks.items():
+        m = re.fullmatch(r"body/layers(?:_(\d+))?/attn/(\w+)/kernel(?:\[(\d+)\])?", key)
+        out[f"bert.encoder.layer.{m.group(1) or m.group(3)}.{HF_MODULES[m.group(2)]}.lora_E"] = rank
+    return out
+
+
+def test_peft_export_of_an_adalora_run_loads_with_peft_with_jaxlm_logits(tmp_path, tiny_hf, capsys):
+    import peft  # pylint: disable=import-outside-toplevel
+    import torch  # pylint: disable=import-outside-toplevel
+    import transformers  # pylint: disable=import-outside-toplevel
+    from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+    workdir, out = tmp_path / "run", tmp_path / "adapters"
+    argv = [a for a in train_argv(workdir, tiny_hf, data_dir="tfds_minilm_adalora")
+            if not a.startswith("--config.init_from=")]
+    argv += [f"--config.init_from={minilm_dir()}", "--config.peft.method=adalora",
+             "--config.peft.targets=attn/(query|value|out)/kernel$", "--config.steps=12", "--config.peft.init_r=4",
+             "--config.peft.target_r=2", "--config.peft.tinit=2", "--config.peft.tfinal=3", "--config.peft.delta_t=2",
+             "--config.optim.learning_rate=0.01"]  # a rate at which 12 steps move λ enough to matter
+    assert cli.main(argv) == 0
+    ranks = read_ranks(workdir)
+    assert ranks["total_rank"] == ranks["target_total_rank"] == 2 * 18
+    assert cli.main(["export", f"--workdir={workdir}", f"--out={out}", "--adapters_only"]) == 0
+    assert cli.main(["export", f"--workdir={workdir}", f"--out={tmp_path / 'merged'}"]) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    with open(out / "adapter_config.json") as f:
+        saved = json.load(f)
+    assert saved["peft_type"] == "ADALORA" and saved["task_type"] == "SEQ_CLS"
+    assert [saved[k] for k in ("init_r", "target_r", "tinit", "tfinal", "deltaT", "total_step", "lora_alpha")] == [
+        4, 2, 2, 3, 2, 12, 8]
+    assert (saved["beta1"], saved["beta2"], saved["orth_reg_weight"]) == (0.85, 0.85, 0.5)
+    assert saved["modules_to_save"] == ["bert.pooler.dense", "classifier"] and len(saved["target_modules"]) == 18
+    assert {k: sum(v) for k, v in saved["rank_pattern"].items()} == hf_ranks(ranks["ranks"])  # the final mask
+    with safe_open(str(out / "adapter_model.safetensors"), framework="numpy") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    for key, pattern in saved["rank_pattern"].items():
+        module, k = "base_model.model." + key[:-len(".lora_E")], sum(pattern)
+        assert (shapes[module + ".lora_A"], shapes[module + ".lora_E"], shapes[module + ".lora_B"]) == (
+            (k, 384), (k, 1), (384, k)), key
+
+    ids, mask = hf_inputs()
+    opened = run_lib.open_run(str(workdir))
+    want = jaxlm_logits(opened.model, opened.params, ids, mask)
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2)
+    loaded = peft.PeftModel.from_pretrained(base, str(out)).eval()
+    got = torch_logits(loaded, ids, mask)
+    merged = torch_logits(transformers.AutoModelForSequenceClassification.from_pretrained(
+        str(tmp_path / "merged")).eval(), ids, mask)
+    layers = [m for m in loaded.modules() if isinstance(m, peft.tuners.adalora.SVDLinear)]
+    assert len(layers) == 18 and all(float(m.ranknum["default"]) == 4 for m in layers if m.r["default"])
+    with torch.no_grad():  # the same model without its adapters: the head alone does not explain the logits
+        for m in layers:
+            m.lora_E["default"].zero_()
+    head_only = torch_logits(loaded, ids, mask)
+    print(f"max |peft - jaxlm| {np.abs(got - want).max():.2e}, max |merged - jaxlm| {np.abs(merged - want).max():.2e}, "
+          f"max |head only - jaxlm| {np.abs(head_only - want).max():.2e}")
+    assert np.abs(head_only - want).max() > 1e-3
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(merged, want, atol=1e-4, rtol=0)
+
+
+
+def test_an_adalora_made_by_peft_imports_with_peft_logits(tmp_path, tiny_hf):
+    import peft  # pylint: disable=import-outside-toplevel
+    import torch  # pylint: disable=import-outside-toplevel
+    import transformers  # pylint: disable=import-outside-toplevel
+    from jaxlm import sharding  # pylint: disable=import-outside-toplevel
+    torch.manual_seed(0)
+    base_dir, adapter_dir = str(tmp_path / "base"), str(tmp_path / "adapter")
+    hf_config = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, num_labels=3)
+    transformers.BertForSequenceClassification(transformers.BertConfig(**hf_config)).save_pretrained(base_dir)
+    for name in os.listdir(tiny_hf["bert"]):
+        if name.startswith(("tokenizer", "vocab", "special_tokens")):
+            shutil.copy(os.path.join(tiny_hf["bert"], name), base_dir)
+    model = peft.get_peft_model(transformers.BertForSequenceClassification.from_pretrained(base_dir), peft.AdaLoraConfig(
+        task_type="SEQ_CLS", init_r=4, target_r=2, tinit=1, tfinal=2, deltaT=1, total_step=6, lora_alpha=8,
+        target_modules=["query", "value", "attention.output.dense", "intermediate.dense"]))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    for step in range(1, 7):  # peft's own training loop: its pruning leaves a rank_pattern
+        batch = torch.randint(1000, 20000, (4, 10))
+        model(input_ids=batch, labels=torch.randint(0, 3, (4,))).loss.backward()
+        optimizer.step()
+        model.base_model.update_and_allocate(step)
+        optimizer.zero_grad()
+    model.save_pretrained(adapter_dir)
+    with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
+        adapter_config = json.load(f)
+    assert sum(map(sum, adapter_config["rank_pattern"].values())) == 2 * 8
+    adapter_config["base_model_name_or_path"] = base_dir
+    with open(os.path.join(adapter_dir, "adapter_config.json"), "w") as f:
+        json.dump(adapter_config, f)
+    ids, mask = hf_inputs()
+    want = torch_logits(peft.PeftModel.from_pretrained(
+        transformers.BertForSequenceClassification.from_pretrained(base_dir), adapter_dir).eval(), ids, mask)
+    plain = torch_logits(transformers.BertForSequenceClassification.from_pretrained(base_dir).eval(), ids, mask)
+
+    config = config_lib.base_config()
+    config.task, config.init_from = "classification", adapter_dir
+    config.classification.update(pooling="cls", pooler=True)
+    config.data.num_labels = 3
+    source = pretrained.resolve_init_from(config)
+    model = ShardedModel(config, sharding.make_mesh(config_lib.base_config().mesh, jax.devices()[:1]))
+    got = jaxlm_logits(model, source.load(model.abstract_params), ids, mask)
+    print(f"max |jaxlm - peft| {np.abs(got - want).max():.2e}, max |base - peft| {np.abs(plain - want).max():.2e}")
+    assert np.abs(want - plain).max() > 1e-2  # the adapters and the saved classifier change the logits
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+@pytest.mark.parametrize("arg", ["", "runlocal"])
+def test_the_minilm_sst2_adalora_recipe_has_a_budget_phase(arg):
+    config = config_lib.load_recipe(f"configs/minilm_sst2_adalora.py{':' + arg if arg else ''}", {})
+    method = adalora.AdaLoRA(config.peft)
+    assert config.peft.method == "adalora" and config.peft.trainable == "^cls_head/"
+    assert method.tinit < config.steps - method.tfinal  # else wrap_optimizer's UserError
+    targets = 6 * 2  # query and value of MiniLM's 6 layers
+    table = adalora.budget_table(method.init_r * targets, method.target_r * targets, method.tinit, method.tfinal,
+                                 method.delta_t, config.steps)
+    assert table[config.steps - method.tfinal, 0] == method.target_r * targets
+    assert (table[1:, 1] == adalora.PRUNE).sum() >= 3

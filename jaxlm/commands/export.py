@@ -38,6 +38,6 @@ def run(args: argparse.Namespace, overrides: dict[str, str]) -> int:
 def _export_adapters(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from jaxlm.peft import export as peft_export  # pylint: disable=import-outside-toplevel
     result = peft_export.export_adapters(args.workdir, args.out, overrides, step=args.step, best=args.best)
-    print(f"exported step {result.step}'s adapters as a Hugging Face PEFT LoRA ({result.family}) to "
+    print(f"exported step {result.step}'s adapters as a Hugging Face PEFT adapter ({result.family}) to "
           f"{result.out_dir}: {', '.join(result.files)}", flush=True)
     return 0

@@ -1,11 +1,12 @@
-"""`jaxlm export --adapters_only`: a LoRA run's adapters (and the params it trained in full) as a
-Hugging Face PEFT directory, for `peft.PeftModel.from_pretrained(base, DIR)` on the transformers
-model of init_from (AutoModelForSequenceClassification for a classifier).
+"""`jaxlm export --adapters_only`: a LoRA or AdaLoRA run's adapters (and the params it trained in
+full) as a Hugging Face PEFT directory, for `peft.PeftModel.from_pretrained(base, DIR)` on the
+transformers model of init_from (AutoModelForSequenceClassification for a classifier). An AdaLoRA
+run's directory is peft's AdaLoraConfig with its rank_pattern and only the kept triplets.
 
     result = export_adapters("runs/x", "adapters/x", overrides={}, step=None, best=False)
 
 Only the trainable tree is read from the checkpoint; the base model is not. Plain `jaxlm export`
-writes the merged model instead (W + (alpha/r)·A·B), loadable without peft. Either directory may
+writes the merged model instead (W + ΔW), loadable without peft. Either directory may
 be on a bucket (gs://): the files are written locally first, the weights uploaded last.
 """
 
@@ -35,9 +36,6 @@ def export_adapters(workdir: str, out_dir: str, overrides: dict[str, str], step:
     if not adapted_lib.enabled(config):
         raise UserError(f"--adapters_only: the run in {workdir} trained no adapters (peft.method=none); "
                         "export the whole model without --adapters_only")
-    if config.peft.method == "adalora":
-        raise UserError(f"--adapters_only: the run in {workdir} is an AdaLoRA run, which has no PEFT-format export "
-                        "yet; export the merged model (without --adapters_only), which keeps its pruned ranks")
     family = match_family(config_lib.model_config(config))
     check_out_dir(out_dir)
     model = ShardedModel(config, found.mesh)
@@ -49,7 +47,7 @@ def export_adapters(workdir: str, out_dir: str, overrides: dict[str, str], step:
         prefix="peft-", dir=_scratch_parent())
     try:
         files = hf_format.write_adapters(local, model.model_config, family, adapted, trained,
-                                         str(config.init_from), task_type)
+                                         str(config.init_from), task_type, total_step=int(config.steps))
         if local != out_dir:
             io.copy_tree(local, out_dir, last=hf_format.ADAPTER_WEIGHTS)
     finally:

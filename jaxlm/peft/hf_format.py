@@ -1,16 +1,18 @@
-"""LoRA adapters in the Hugging Face PEFT directory layout, both ways.
+"""LoRA and AdaLoRA adapters in the Hugging Face PEFT directory layout, both ways.
 
-    write_adapters(out_dir, cfg, family, adapted, trained, base_model, task_type)   # export
-    params = apply_adapters(params, abstract, base_dir, adapter_dir)               # import (merged)
+    write_adapters(out_dir, cfg, family, adapted, trained, base_model, task_type, total_step)  # export
+    params = apply_adapters(params, abstract, base_dir, adapter_dir)                          # import (merged)
 
 The directory holds adapter_config.json (peft's LoraConfig: r, lora_alpha, target_modules,
-modules_to_save, ...) and adapter_model.safetensors, named as peft saves them:
-`base_model.model.<module>.lora_A.weight` [r, in], `...lora_B.weight` [out, r], and each module
-trained in full under its own tensor names (`base_model.model.classifier.weight`,
-`base_model.model.bert.pooler.dense.bias`), which peft loads as modules_to_save. Module names
-come from the family tables of jaxlm/convert (the same ones model export uses); only layer
-kernels that the family maps to a plain Linear can carry an adapter in this layout (not GPT-2's
-fused c_attn).
+modules_to_save, ...; or its AdaLoraConfig: init_r, target_r, tinit, tfinal, deltaT, beta1, beta2,
+orth_reg_weight, total_step, rank_pattern, ...) and adapter_model.safetensors, named as peft saves
+them: LoRA `base_model.model.<module>.lora_A.weight` [r, in], `...lora_B.weight` [out, r];
+AdaLoRA `base_model.model.<module>.lora_A` [k, in] (P), `.lora_E` [k, 1] (λ), `.lora_B` [out, k]
+(Q) with the k triplets its rank_pattern keeps; and each module trained in full under its own
+tensor names (`base_model.model.classifier.weight`, `base_model.model.bert.pooler.dense.bias`),
+which peft loads as modules_to_save. Module names come from the family tables of jaxlm/convert
+(the same ones model export uses); only layer kernels that the family maps to a plain Linear can
+carry an adapter in this layout (not GPT-2's fused c_attn).
 """
 
 import json
@@ -90,24 +92,45 @@ def _unstack(flat: dict[Path, np.ndarray]) -> dict[Path, np.ndarray]:
     return out
 
 
-def write_adapters(out_dir: str, cfg: ModelConfig, family: str, adapted: Any, trained: dict, base_model: str,
-                   task_type: Any) -> list[str]:
-    """out_dir (local, new or empty)/adapter_config.json + adapter_model.safetensors; returns the files.
-    trained: the run's trainable tree as numpy (adapters + params trained in full)."""
-    rank = adapted.method.rank
+def _adapter_tensors(cfg: ModelConfig, family: str, adapted: Any, adapters: dict[Path, np.ndarray]
+                     ) -> tuple[dict[str, np.ndarray], set[str], dict[str, list[bool]]]:
+    """Every adapted matrix's tensors under peft's names, the module names, and (AdaLoRA) the
+    rank_pattern: LoRA `<m>.lora_A.weight` [r, in], `<m>.lora_B.weight` [out, r]; AdaLoRA
+    `<m>.lora_A` [k, in], `<m>.lora_E` [k, 1], `<m>.lora_B` [out, k] with only the k kept
+    triplets (λ != 0) and rank_pattern[`<m>.lora_E`] = which of the init_r ones were kept, as
+    peft's own save_pretrained of an AdaLoRA model writes them."""
+    method = adapted.method
+    svd = method.name == "adalora"
+    rank = method.init_r if svd else method.rank
     tensors: dict[str, np.ndarray] = {}
-    modules = set()
-    adapters = flatten(trained["adapters"])
+    modules, rank_pattern = set(), {}
     for t in adapted.targets:
         rel, layer = _layer_of(t.path)
         module = _kernel_module(cfg, family, rel, t.in_shape, t.out_shape)
-        a, b = adapters[t.path + ("lora_A",)], adapters[t.path + ("lora_B",)]
+        arrays = {n: adapters[t.path + (n,)] for n in method.arrays(t)}
         for i in range(cfg.num_layers) if layer == -1 else (layer,):
-            ai, bi = (a[i], b[i]) if layer == -1 else (a, b)
+            one = {n: v[i] if layer == -1 else v for n, v in arrays.items()}
             name = module.format(i=i)
             modules.add(name)
-            tensors[f"{PREFIX}{name}.lora_A.weight"] = ai.reshape(-1, rank).T
-            tensors[f"{PREFIX}{name}.lora_B.weight"] = bi.reshape(rank, -1).T
+            a, b = one["lora_A"].reshape(-1, rank).T, one["lora_B"].reshape(rank, -1).T
+            if not svd:
+                tensors[f"{PREFIX}{name}.lora_A.weight"], tensors[f"{PREFIX}{name}.lora_B.weight"] = a, b
+                continue
+            # A pruned triplet's λ is exactly 0 (the step sets it so), so λ != 0 is the mask of a
+            # finished run and, for any checkpoint, exactly the triplets that change the model.
+            lam = np.asarray(one["lora_E"]).reshape(rank)
+            kept = lam != 0
+            rank_pattern[f"{name}.lora_E"] = [bool(k) for k in kept]
+            tensors[f"{PREFIX}{name}.lora_A"] = a[kept]
+            tensors[f"{PREFIX}{name}.lora_E"] = lam[kept].reshape(-1, 1)
+            tensors[f"{PREFIX}{name}.lora_B"] = b[:, kept]
+    return tensors, modules, rank_pattern
+
+
+def _full_tensors(cfg: ModelConfig, family: str, trained: dict) -> tuple[dict[str, np.ndarray], set[str]]:
+    """The params trained in full under their HF tensor names, and the modules they make up
+    (peft's modules_to_save: it saves and loads whole modules)."""
+    tensors: dict[str, np.ndarray] = {}
     full = _unstack(flatten(trained.get("params", {})))
     saved_modules, covered = set(), set()
     entries = _entries(cfg, family)
@@ -127,20 +150,43 @@ def write_adapters(out_dir: str, cfg: ModelConfig, family: str, adapted: Any, tr
     if missing:
         raise UserError(f"{path_str(missing[0])} trains in full but has no {family} tensor name, so the PEFT "
                         "layout cannot hold it; narrow peft.trainable or export the merged model")
-    for module in sorted(saved_modules):  # peft saves and loads whole modules
+    for module in sorted(saved_modules):
         for paths, names, _ in entries:
             for name in names:
                 if name.rsplit(".", 1)[0] == module and PREFIX + name not in tensors:
                     raise UserError(f"peft.trainable covers part of the module {module} but not {name}: peft "
                                     "saves whole modules, so train all of its parameters or none")
-    alpha = adapted.method.alpha
+    return tensors, saved_modules
+
+
+def _method_config(method: Any, total_step: int, rank_pattern: dict) -> dict:
+    """The adapter_config.json fields of the method: peft's LoraConfig or AdaLoraConfig names."""
+    alpha = int(method.alpha) if float(method.alpha).is_integer() else method.alpha
+    if method.name != "adalora":
+        return {"peft_type": "LORA", "r": method.rank, "lora_alpha": alpha, "rank_pattern": {}}
+    # peft scales by lora_alpha / (ranknum + 1e-5) with ranknum = init_r (also for a matrix
+    # pruned below it), jaxlm by alpha / init_r: a relative 1e-5 / init_r on the adapter's delta.
+    return {"peft_type": "ADALORA", "init_r": method.init_r, "target_r": method.target_r, "lora_alpha": alpha,
+            "tinit": method.tinit, "tfinal": method.tfinal, "deltaT": method.delta_t, "beta1": method.beta1,
+            "beta2": method.beta2, "orth_reg_weight": method.orth_reg_weight, "total_step": int(total_step),
+            "rank_pattern": rank_pattern}
+
+
+def write_adapters(out_dir: str, cfg: ModelConfig, family: str, adapted: Any, trained: dict, base_model: str,
+                   task_type: Any, total_step: int = 0) -> list[str]:
+    """out_dir (local, new or empty)/adapter_config.json + adapter_model.safetensors; returns the files.
+    trained: the run's trainable tree as numpy (adapters + params trained in full); total_step:
+    the run's steps (AdaLoRA's total_step)."""
+    tensors, modules, rank_pattern = _adapter_tensors(cfg, family, adapted, flatten(trained["adapters"]))
+    full, saved_modules = _full_tensors(cfg, family, trained)
+    tensors.update(full)
     config = {
-        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model or None,
-        "r": rank, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha, "lora_dropout": 0.0,
+        "task_type": task_type, "base_model_name_or_path": base_model or None, "lora_dropout": 0.0,
         "target_modules": sorted(modules), "modules_to_save": sorted(saved_modules) or None,
         "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
-        "use_rslora": False, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {},
+        "use_rslora": False, "use_dora": False, "alpha_pattern": {},
         "layers_to_transform": None, "layers_pattern": None, "revision": None,
+        **_method_config(adapted.method, total_step, rank_pattern),
     }
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
@@ -157,9 +203,9 @@ def read_adapter_config(adapter_dir: str) -> dict:
             config = json.load(f)
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: not readable JSON ({e}); re-save the adapter with save_pretrained") from None
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+    if not isinstance(config, dict) or config.get("peft_type") not in ("LORA", "ADALORA"):
         raise UserError(f"{path}: peft_type={config.get('peft_type') if isinstance(config, dict) else None!r}; "
-                        "jaxlm imports LORA adapters only")
+                        "jaxlm imports LORA and ADALORA adapters only")
     for key, fine in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none"), ("alpha_pattern", {})):
         if config.get(key, fine) not in (fine, None):
             raise UserError(f"{path}: {key}={config[key]!r} is not supported (only {key}={fine!r} imports exactly)")
@@ -177,10 +223,14 @@ def adapter_base(adapter_dir: str) -> str:
 
 
 def apply_adapters(params: dict, abstract: Any, base_dir: str, adapter_dir: str) -> dict:
-    """jaxlm params (numpy, from base_dir) with a PEFT LoRA directory merged in: each adapted kernel
-    W + (lora_alpha / r) * B.A, each saved module's tensors in place (when their shape fits the
-    model, e.g. a classifier for the same labels). `abstract`: the model's params (shapes)."""
+    """jaxlm params (numpy, from base_dir) with a PEFT LoRA or AdaLoRA directory merged in: each
+    adapted kernel W + (lora_alpha / r) * B.A (AdaLoRA: W + lora_alpha / (init_r + 1e-5) * B.(A*E),
+    peft's own scale, whatever its rank_pattern kept), each saved module's tensors in place (when
+    their shape fits the model, e.g. a classifier for the same labels). `abstract`: the model's
+    params (shapes)."""
     config = read_adapter_config(adapter_dir)
+    svd = config["peft_type"] == "ADALORA"
+    suffix_a, suffix_b = (".lora_A", ".lora_B") if svd else (".lora_A.weight", ".lora_B.weight")
     hf = read_config(base_dir)
     family = fam.MODEL_TYPES.get(hf.get("model_type"))
     if family is None:
@@ -201,20 +251,26 @@ def apply_adapters(params: dict, abstract: Any, base_dir: str, adapter_dir: str)
             if len(e.jax) == 1 and e.jax[0][-1] == "kernel" and len(e.hf) == 1:
                 kernels[_full_name(family, e.hf[0].format(i=i))[:-len(".weight")]] = ("body", f"layers_{i}") + e.jax[0]
     used = set()
-    for name in sorted(k for k in tensors if k.endswith(".lora_A.weight")):
-        module = name[:-len(".lora_A.weight")]
-        if module not in kernels or f"{module}.lora_B.weight" not in tensors:
+    for name in sorted(k for k in tensors if k.endswith(suffix_a)):
+        module = name[:-len(suffix_a)]
+        names = [name, module + suffix_b] + ([module + ".lora_E"] if svd else [])
+        if module not in kernels or any(n not in tensors for n in names):
             raise UserError(f"{weights}: {PREFIX}{name} adapts {module}, which is no layer kernel of this {family} "
-                            "model (or its lora_B is missing)")
+                            f"model (or its {' or '.join(n[len(module) + 1:] for n in names[1:])} is missing)")
         path = kernels[module]
-        a, b = tensors[name], tensors[f"{module}.lora_B.weight"]
-        scale = config["lora_alpha"] / (math.sqrt(a.shape[0]) if config.get("use_rslora") else a.shape[0])
+        a, b = tensors[name], tensors[module + suffix_b]
+        if svd:  # peft: scaling / (ranknum + 1e-5), ranknum = init_r (kept through a rank_pattern resize)
+            a = a * tensors[module + ".lora_E"]
+            alpha = config.get("lora_alpha", 8)
+            scale = (alpha if alpha > 0 else a.shape[0]) / (config.get("init_r", 12) + 1e-5)
+        else:
+            scale = config["lora_alpha"] / (math.sqrt(a.shape[0]) if config.get("use_rslora") else a.shape[0])
         kernel = flat[path]
         n_in = _in_axes(kernel.shape, b.shape[0], a.shape[1])
         _kernel_module(cfg, family, path[2:], kernel.shape[:n_in], kernel.shape[n_in:])  # a plain Linear
         delta = (b.astype(np.float64) @ a.astype(np.float64)).T.reshape(kernel.shape) * scale
         flat[path] = (kernel + delta).astype(kernel.dtype)
-        used.update({name, f"{module}.lora_B.weight"})
+        used.update(names)
     for paths, names, e in _entries(cfg, family):  # the modules saved whole (modules_to_save)
         if not all(n in tensors for n in names):
             continue
