@@ -1,0 +1,73 @@
+"""Benchmark shape: the BERT classifier of the peer script `benchmarks/peers/peer_hf_torch.py bert`.
+
+Shapes copied from that script (so the two time the same model): BERT layout (bidirectional,
+post-LayerNorm with eps 1e-12, exact GELU, learned positions, 2 token types, a norm after the
+embeddings, biases), 6 layers, d_model 384, 6 heads, d_ff 1536, vocab 8192 (set exactly: no
+tokenizer, no padding to vocab_multiple), 128 positions, seq 128, batch 32, no dropout, and
+BertForSequenceClassification's head: the [CLS] token through the tanh pooler into a 2-label
+classifier. 13,991,810 parameters, the count transformers gives (tests/test_bench_configs.py
+checks it). Optimizer as torch.optim.AdamW(lr=1e-4) with its defaults: b1 0.9, b2 0.999,
+eps 1e-8, weight decay 0.01 on every parameter, constant rate, no warmup, no clipping.
+
+    jaxlm bench --mode=train --config=configs/bench/bert_cpu.py --steps=10        # float32
+    jaxlm bench --mode=train --config=configs/bench/bert_cpu.py:bf16 --steps=10   # bf16 compute
+    python benchmarks/train_vs_hf.py --models=bert    # jaxlm and the peer alternating
+
+`:bf16` computes in bfloat16 with float32 parameters (the peer's counterpart is
+torch.autocast(cpu, bfloat16)). `jaxlm bench` feeds synthetic batches (every token real,
+random 0/1 labels), so no data is read.
+"""
+
+from jaxlm.config import base_config
+
+
+def get_config(arg: str = ""):
+    if arg not in ("", "bf16"):
+        raise ValueError(f"unknown variant {arg!r}: use configs/bench/bert_cpu.py or configs/bench/bert_cpu.py:bf16")
+    c = base_config()
+    c.task = "classification"
+    c.seed = 0
+    c.steps = 20
+    c.global_batch_size = 32
+    c.seq_len = 128
+    c.eval_every = 0
+    c.checkpoint_every = 0
+
+    c.data.tokenizer = "bpe"
+    c.data.bpe_vocab_size = 8192
+    c.data.num_labels = 2
+    c.classification.pooling = "cls"
+    c.classification.pooler = True  # BertPooler: dense + tanh on [CLS].
+
+    c.model.vocab_size = 8192  # Exactly the peer's: no rounding up to vocab_multiple.
+    c.model.num_layers = 6
+    c.model.d_model = 384
+    c.model.num_heads = 6
+    c.model.d_ff = 1536
+    c.model.activation = "gelu"  # BERT's exact (erf) GELU.
+    c.model.norm = "layernorm"
+    c.model.norm_eps = 1e-12
+    c.model.norm_position = "post"
+    c.model.embed_norm = True
+    c.model.type_vocab_size = 2
+    c.model.positions = "learned"
+    c.model.max_len = 128
+    c.model.use_bias = True
+    c.model.causal = False
+    c.model.dropout = 0.0
+    c.model.dtype = "bfloat16" if arg == "bf16" else "float32"
+    c.model.param_dtype = "float32"
+
+    # torch.optim.AdamW(lr=1e-4): its defaults, and decay on every parameter.
+    c.optim.name = "adamw"
+    c.optim.learning_rate = 1e-4
+    c.optim.schedule = "constant"
+    c.optim.warmup_steps = 0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.01
+    c.optim.decay_embeddings = True
+    c.optim.decay_norms_and_biases = True
+    c.optim.clip_norm = 0.0
+    return c
