@@ -25,20 +25,15 @@ Measured: nothing on SST-2 yet (no dev accuracy, no time per step); the tests ch
 Not tuned: init_r, target_r, the schedule, alpha and the learning rate.
 """
 
-import importlib.util
 import os
 
+from jaxlm.config import load_config
 
-def _full_recipe():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "minilm_sst2.py")
-    spec = importlib.util.spec_from_file_location("jaxlm_recipe_minilm_sst2", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+FULL_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "minilm_sst2.py")
 
 
 def get_config(arg: str = ""):
-    c = _full_recipe().get_config(arg)
+    c = load_config(f"{FULL_RECIPE}:{arg}" if arg else FULL_RECIPE)
     c.train_time_budget_minutes = 0.0  # the schedule is in steps: run all of them
     c.peft.method = "adalora"
     c.peft.init_r = 12

@@ -15,20 +15,15 @@ directory) and merge. Same data, time budget and steps as the full recipe, so th
 the same training time. Rank, alpha and learning rate are not tuned yet.
 """
 
-import importlib.util
 import os
 
+from jaxlm.config import load_config
 
-def _full_recipe():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "minilm_sst2.py")
-    spec = importlib.util.spec_from_file_location("jaxlm_recipe_minilm_sst2", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+FULL_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "minilm_sst2.py")
 
 
 def get_config(arg: str = ""):
-    c = _full_recipe().get_config(arg)
+    c = load_config(f"{FULL_RECIPE}:{arg}" if arg else FULL_RECIPE)
     c.peft.method = "lora"
     c.peft.rank = 8
     c.peft.alpha = 16.0  # scale alpha / rank = 2
