@@ -68,6 +68,8 @@ FIELDS: dict[str, tuple[Any, str]] = {
     "model.dropout": (_M.dropout, "dropout on embeddings and residual branches"),
     "model.dtype": (_M.dtype, "compute dtype: float32 | bfloat16 | float16"),
     "model.param_dtype": (_M.param_dtype, "parameter dtype (keep float32)"),
+    "model.matmul_dtype": (_M.matmul_dtype, "dtype of the matmuls' inputs, results in model.dtype "
+                                            "('' = model.dtype; bfloat16 with dtype float32: bf16 matmuls only)"),
     "model.scan_layers": (_M.scan_layers, "nn.scan over layers: compile time independent of depth"),
     "model.remat_policy": (_M.remat_policy, "none | full | dots | dots_no_batch"),
     "model.attention_impl": (_M.attention_impl, "auto (TPU: splash, GPU: cudnn, else xla) | xla | cudnn | splash"),

@@ -100,7 +100,7 @@ def train_bench(config, steps: int = 20, warmup: int = 2) -> dict:
     return {
         "mode": "train", "platform": jax.devices()[0].platform, "device_kind": jax.devices()[0].device_kind,
         "devices": int(devices), "params": int(trainer.num_params),
-        "dtype": cfg.dtype, "param_dtype": cfg.param_dtype,
+        "dtype": cfg.dtype, "matmul_dtype": cfg.matmul_dtype or cfg.dtype, "param_dtype": cfg.param_dtype,
         "global_batch_size": int(config.global_batch_size), "seq_len": int(config.seq_len),
         "compile_s": round(compile_s, 3), "steps": steps,
         "step_s_median": median, "step_s_min": min(times), "step_s_max": max(times),
@@ -113,7 +113,8 @@ def train_bench(config, steps: int = 20, warmup: int = 2) -> dict:
 def format_report(r: dict) -> str:
     memory = f"{r['peak_memory_bytes'] / 2**30:.2f} GiB" if r["peak_memory_bytes"] else "not reported by this backend"
     return "\n".join([
-        f"train step: {r['params']:,} params, batch {r['global_batch_size']} x {r['seq_len']}, {r['dtype']} compute, "
+        f"train step: {r['params']:,} params, batch {r['global_batch_size']} x {r['seq_len']}, {r['dtype']} compute"
+        f"{' with ' + r['matmul_dtype'] + ' matmuls' if r.get('matmul_dtype', r['dtype']) != r['dtype'] else ''}, "
         f"{r['devices']} {r['device_kind']} device(s)",
         f"compile {r['compile_s']:.1f} s; step median {r['step_s_median'] * 1e3:.1f} ms over {r['steps']} "
         f"(min {r['step_s_min'] * 1e3:.1f}, max {r['step_s_max'] * 1e3:.1f})",

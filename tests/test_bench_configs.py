@@ -55,8 +55,9 @@ def test_parameter_count_equals_the_peers_model(name, expected):
     assert hf == expected and count == hf
     assert config.model.vocab_size == V and config.optim.weight_decay == 0.01 and config.optim.clip_norm == 0
     (bf16_count, bf16) = jaxlm_params(f"configs/bench/{name}_cpu.py:bf16")
-    assert bf16_count == hf and bf16.model.dtype == "bfloat16" and bf16.model.param_dtype == "float32"
-    assert config.model.dtype == "float32"
+    assert bf16_count == hf and bf16.model.matmul_dtype == "bfloat16" and bf16.model.param_dtype == "float32"
+    assert bf16.model.dtype == "float32"  # Only the matmuls take bf16 inputs.
+    assert config.model.dtype == "float32" and config.model.matmul_dtype == ""
 
 
 # A 1-layer, short, small-batch version of each model: the step compiles and runs in seconds.
@@ -73,7 +74,8 @@ def test_bench_runs_the_config_and_prints_json_last(spec):
     count, _ = jaxlm_params(spec, SMALL)
     assert report["params"] == count
     assert report["steps"] == 2 and report["global_batch_size"] == 4 and report["seq_len"] == 32
-    assert report["dtype"] == ("bfloat16" if spec.endswith(":bf16") else "float32")
+    assert report["dtype"] == "float32"
+    assert report["matmul_dtype"] == ("bfloat16" if spec.endswith(":bf16") else "float32")
     assert report["param_dtype"] == "float32"
     assert report["tokens_per_s"] == pytest.approx(4 * 32 / report["step_s_median"])
     assert 0 < report["mfu"] < 1.5  # bf16 is measured against the float32 matmul peak

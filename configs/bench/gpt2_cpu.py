@@ -9,11 +9,14 @@ Optimizer as torch.optim.AdamW(lr=1e-4) with its defaults: b1 0.9, b2 0.999, eps
 weight decay 0.01 on every parameter, constant rate, no warmup, no clipping.
 
     jaxlm bench --mode=train --config=configs/bench/gpt2_cpu.py --steps=10        # float32
-    jaxlm bench --mode=train --config=configs/bench/gpt2_cpu.py:bf16 --steps=10   # bf16 compute
+    jaxlm bench --mode=train --config=configs/bench/gpt2_cpu.py:bf16 --steps=10   # bf16 matmuls
     python benchmarks/train_vs_hf.py --models=gpt2    # jaxlm and the peer alternating
 
-`:bf16` computes in bfloat16 with float32 parameters (the peer's counterpart is
-torch.autocast(cpu, bfloat16)). `jaxlm bench` feeds synthetic batches, so no data is read.
+`:bf16` is mixed precision where only the matmuls take bfloat16 inputs (model.matmul_dtype,
+float32 results; norms, softmax and the residual stream in float32; float32 parameters), the
+counterpart of the peer's torch.autocast(cpu, bfloat16). Layers are unrolled
+(model.scan_layers=False): at 6 layers on XLA:CPU the unrolled step is 1.13x faster than the
+scanned one (benchmarks/README.md); scan pays off in compile time for deep models. `jaxlm bench` feeds synthetic batches, so no data is read.
 """
 
 from jaxlm.config import base_config
@@ -49,8 +52,10 @@ def get_config(arg: str = ""):
     c.model.use_bias = True
     c.model.causal = True
     c.model.dropout = 0.0
-    c.model.dtype = "bfloat16" if arg == "bf16" else "float32"
+    c.model.dtype = "float32"
+    c.model.matmul_dtype = "bfloat16" if arg == "bf16" else ""
     c.model.param_dtype = "float32"
+    c.model.scan_layers = False
 
     # torch.optim.AdamW(lr=1e-4): its defaults, and decay on every parameter.
     c.optim.name = "adamw"

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.models.config import ModelConfig
-from jaxlm.models.transformer import Norm, normal_init, zeros_init
+from jaxlm.models.transformer import Norm, matmul_dot_general, matmul_einsum, normal_init, zeros_init
 
 Array = jax.Array
 
@@ -28,7 +28,7 @@ class LMHead(nn.Module):
         if cfg.tie_embeddings:
             logits = attend(x)
         else:
-            logits = jnp.einsum("btd,dv->btv", x, self.kernel.astype(cfg.compute_dtype))
+            logits = matmul_einsum(cfg, "btd,dv->btv", x, self.kernel)
         return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
     def projection(self, embedding: Array) -> dict:
@@ -44,6 +44,7 @@ class MLMHead(nn.Module):
     def setup(self):
         cfg = self.cfg
         self.transform = nn.Dense(cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                                  dot_general=matmul_dot_general(cfg),
                                   kernel_init=normal_init(cfg, ("embed", "embed_out")),
                                   bias_init=zeros_init(("embed_out",)))
         self.norm = Norm(cfg)
@@ -67,11 +68,10 @@ def project_vocab(x: Array, head: dict, cfg: ModelConfig) -> Array:
     """Vocabulary logits of features x [..., d_model] from a head's `projection()` weights, as the
     heads compute them: tied {'embedding': [V, d]} or untied {'kernel': [d, V]}, plus 'bias' [V].
     The weights are cast to the compute dtype here, so a caller can keep float32 ones."""
-    dtype = cfg.compute_dtype
     if "embedding" in head:
-        logits = jnp.einsum("...d,vd->...v", x.astype(dtype), head["embedding"].astype(dtype))
+        logits = matmul_einsum(cfg, "...d,vd->...v", x, head["embedding"])
     else:
-        logits = jnp.einsum("...d,dv->...v", x.astype(dtype), head["kernel"].astype(dtype))
+        logits = matmul_einsum(cfg, "...d,dv->...v", x, head["kernel"])
     if "bias" in head:
         logits = logits + head["bias"].astype(logits.dtype)
     return logits
@@ -107,6 +107,7 @@ class ClassificationHead(nn.Module):
             raise ValueError(f"unknown pooling {self.pooling!r}")
         if self.pooler:
             pooled = jnp.tanh(nn.Dense(cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                                       dot_general=matmul_dot_general(cfg),
                                        kernel_init=normal_init(cfg, ("embed", "embed_out")),
                                        bias_init=zeros_init(("embed_out",)), name="pooler")(pooled))
         pooled = nn.Dropout(cfg.dropout, deterministic=self.deterministic)(pooled)

@@ -34,6 +34,69 @@ REMAT_POLICIES = {
 }
 
 
+def matmul_einsum(cfg: ModelConfig, equation: str, x: Array, kernel: Array) -> Array:
+    """x against kernel by `equation`, with inputs in model.matmul_dtype and the result in
+    model.dtype (float32 accumulation when only the matmuls take bf16)."""
+    dtype, inputs = cfg.compute_dtype, cfg.matmul_input_dtype
+    if inputs == dtype:
+        return jnp.einsum(equation, x.astype(dtype), kernel.astype(dtype))
+    operands, out = equation.split("->")
+    lhs, rhs = operands.split(",")
+    if lhs.startswith("..."):  # Leading dims folded into one, so the weight gradient names them.
+        lead = x.shape[:x.ndim - len(lhs) + 3]
+        y = mixed_einsum(f"Z{lhs[3:]},{rhs}->Z{out[3:]}", x.reshape((-1,) + x.shape[len(lead):]),
+                         kernel, inputs, dtype)
+        return y.reshape(lead + y.shape[1:])
+    return mixed_einsum(equation, x, kernel, inputs, dtype)
+
+
+def mixed_einsum(equation: str, x: Array, w: Array, inputs, out) -> Array:
+    """einsum(equation, x, w) with x, w cast to `inputs` and the result in `out`, and a backward
+    pass whose two matmuls also take `inputs` (the cotangent cast to it) and return `out`.
+
+    jax's own transpose of a bf16-in, float32-out dot multiplies the float32 cotangent with a
+    bf16 operand, which XLA:CPU runs at float32 speed; this keeps all three matmuls in bf16.
+    Every label of x (and of w) must appear in w or the output (x) or the output: true of the
+    projections' equations, whose gradients are then einsums of the same form."""
+    operands, result = equation.split("->")
+    lhs, rhs = operands.split(",")
+    x_dtype, w_dtype = x.dtype, w.dtype
+
+    def apply(eq, a, b):
+        return jnp.einsum(eq, a.astype(inputs), b.astype(inputs), preferred_element_type=out)
+
+    @jax.custom_vjp
+    def f(a, b):
+        return apply(equation, a, b)
+
+    def fwd(a, b):
+        a, b = a.astype(inputs), b.astype(inputs)
+        return apply(equation, a, b), (a, b)
+
+    def bwd(saved, g):
+        a, b = saved
+        da = apply(f"{result},{rhs}->{lhs}", g, b)
+        db = apply(f"{lhs},{result}->{rhs}", a, g)
+        return da.astype(x_dtype), db.astype(w_dtype)
+
+    f.defvjp(fwd, bwd)
+    return f(x, w)
+
+
+def matmul_dot_general(cfg: ModelConfig):
+    """flax Dense's dot_general doing what matmul_einsum does (None: flax's own)."""
+    dtype, inputs = cfg.compute_dtype, cfg.matmul_input_dtype
+    if inputs == dtype:
+        return None
+
+    def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+        del precision, preferred_element_type  # The inputs' and the compute dtype decide.
+        if dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())) or rhs.ndim != 2:
+            raise ValueError(f"matmul_dtype: Dense contracts {dimension_numbers}, not last x first")
+        return matmul_einsum(cfg, "...i,io->...o", lhs, rhs)
+    return dot_general
+
+
 def normal_init(cfg: ModelConfig, axes: tuple[str, ...]):
     return nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), axes)
 
@@ -114,6 +177,8 @@ class Embedder(nn.Module):
         return x
 
     def attend(self, x: Array) -> Array:
+        if self.cfg.matmul_input_dtype != self.cfg.compute_dtype:
+            return matmul_einsum(self.cfg, "...d,vd->...v", x, self.token.embedding)
         return self.token.attend(x)
 
 
@@ -134,7 +199,7 @@ class Projection(nn.Module):
     def __call__(self, x: Array) -> Array:
         cfg = self.cfg
         kernel = self.param("kernel", normal_init(cfg, self.kernel_axes), self.kernel_shape, cfg.weight_dtype)
-        y = jnp.einsum(self.equation, x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype))
+        y = matmul_einsum(cfg, self.equation, x, kernel)
         if cfg.use_bias:
             bias_axes = self.kernel_axes[-len(self.bias_shape):]
             bias = self.param("bias", zeros_init(bias_axes), self.bias_shape, cfg.weight_dtype)
@@ -221,6 +286,7 @@ class Mlp(nn.Module):
 
         def dense(name, features, in_axis, out_axis, inputs):
             return nn.Dense(features, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
+                            dot_general=matmul_dot_general(cfg),
                             param_dtype=cfg.weight_dtype, kernel_init=normal_init(cfg, (in_axis, out_axis)),
                             bias_init=zeros_init((out_axis,)), name=name)(inputs)
 
