@@ -1,4 +1,4 @@
-"""GPT-2 small (124M parameters) on C4, for one TPU host (v5e-8 / v4-8) or one GPU.
+"""GPT-2 small (124M parameters) on C4, for one TPU v5e host (v5e-4, topology v5e:2x2).
 
     jaxlm train --config=configs/gpt2_small.py --workdir=gs://BUCKET/runs/gpt2_small \
         --config.data.data_dir=gs://BUCKET/tensorflow_datasets
@@ -9,8 +9,13 @@ prepared tfds `c4/en` in data_dir (prepare it once with `tfds build c4/en --data
 0.5M tokens per step (512 x 1024) for 20k steps = 10B tokens, about 4x Chinchilla's 20 tokens
 per parameter. Expected from published GPT-2-small replications on web text (nanoGPT,
 levanter), not yet measured by us: eval/loss around 3.0-3.3 nats on C4 validation by the end.
-Size it first with `jaxlm aot --config=configs/gpt2_small.py --topology=v5e:2x4`. `:runlocal`
-shrinks everything for a CPU smoke test on the embedded corpus.
+Sized for v5e:2x2 (4 chips of 16 GiB, data parallel): 8 micro-batches of 64 sequences
+(grad_accum_steps) and the loss in chunks of 8,192 tokens (loss_chunk_size), so no step holds a
+[batch, 1024, 50,304] float32 logits array; `jaxlm aot --config=configs/gpt2_small.py
+--topology=v5e:2x2` compiles it there (tests/test_aot.py does, at these defaults): 8.18 GiB
+of 16 per chip, splash attention. On more chips
+(v5e:2x4, v4-8, a GPU) fewer micro-batches fit: lower grad_accum_steps. `:runlocal` shrinks
+everything for a CPU smoke test on the embedded corpus.
 """
 
 from jaxlm.config import base_config
@@ -23,6 +28,8 @@ def get_config(arg: str = ""):
     c.steps = 20_000
     c.global_batch_size = 512
     c.seq_len = 1024
+    c.grad_accum_steps = 8  # 64 sequences a micro-batch: 16 a chip on v5e:2x2.
+    c.loss_chunk_size = 8192  # Tokens per chunk of the vocabulary projection + cross-entropy.
     c.log_every = 100
     c.eval_every = 2_000
     c.eval_batches = 50
@@ -63,6 +70,7 @@ def get_config(arg: str = ""):
 
     if arg == "runlocal":
         c.steps, c.global_batch_size, c.seq_len = 20, 8, 128
+        c.grad_accum_steps, c.loss_chunk_size = 1, 0
         c.log_every, c.eval_every, c.eval_batches, c.checkpoint_every = 5, 10, 2, 10
         c.checkpoint_every_minutes = 0.0
         c.data.tfds_name, c.data.train_file, c.data.tokenizer = "", corpus_path("tiny_shakespeare"), "bpe"

@@ -8,10 +8,14 @@ The shape of Llama 3.2 1B (Meta, 2024): 16 layers, d_model 2048, 32 query heads 
 of 64, SwiGLU width 8192, RoPE base 500,000, tied embeddings, no biases; the tokenizer (any
 local directory with tokenizer files; Llama 3's has 128,256 tokens) sets the vocabulary.
 1M tokens per step (512 x 2048) for 25k steps = 25B tokens (about 20 tokens per parameter,
-Hoffmann et al. 2022). Target: a v5p-64 slice (32 chips, topology 2x4x4; one JAX device per
-chip), FSDP over every chip. Check the fit and the step's FLOPs first:
+Hoffmann et al. 2022). Sized for a v5p-16 slice (topology v5p:2x2x2: 8 chips of 95 GiB, one JAX
+device per chip), FSDP over every chip: 4 micro-batches of 128 sequences (grad_accum_steps) and
+the loss in chunks of 16,384 tokens (loss_chunk_size). Check the fit and the step's FLOPs:
 
     jaxlm aot --config=configs/llama_1b.py --topology=v5p:2x2x2
+
+(tests/test_aot.py compiles these defaults there: 38.74 GiB of 95 per chip, splash attention). On a bigger slice (v5p:2x4x4, 32 chips) set
+--config.grad_accum_steps=1: the same 16 sequences a chip.
 
 Expected, not yet measured by us: MFU around 50% with FSDP on v5p. `:runlocal` shrinks it for
 a CPU.
@@ -27,6 +31,8 @@ def get_config(arg: str = ""):
     c.steps = 25_000
     c.global_batch_size = 512
     c.seq_len = 2048
+    c.grad_accum_steps = 4  # 128 sequences a micro-batch: 16 a chip on v5p:2x2x2.
+    c.loss_chunk_size = 16_384  # Tokens per chunk of the vocabulary projection + cross-entropy.
     c.log_every = 50
     c.eval_every = 2_500
     c.eval_batches = 50
@@ -69,6 +75,7 @@ def get_config(arg: str = ""):
 
     if arg == "runlocal":
         c.steps, c.global_batch_size, c.seq_len = 20, 8, 128
+        c.grad_accum_steps, c.loss_chunk_size = 1, 0
         c.log_every, c.eval_every, c.eval_batches, c.checkpoint_every = 5, 10, 2, 10
         c.checkpoint_every_minutes = 0.0
         c.data.tfds_name, c.data.train_file, c.data.tokenizer = "", corpus_path("tiny_shakespeare"), "bpe"

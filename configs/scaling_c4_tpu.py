@@ -19,7 +19,8 @@ can also be spread over several slices: `jaxlm scaling list` prints one command 
 Not trained by us (no TPU here): the losses and the fitted exponents are yours to measure. The
 largest run's step was compiled for v5p:2x2x2 on a CPU with libtpu (`jaxlm aot ...
 --config.model.num_layers=24 --config.model.d_model=1536 --config.model.num_heads=12
---config.model.d_ff=4096`): 40.0 GiB of 95 per chip, compiled / counted FLOPs 1.005.
+--config.model.d_ff=4096`, tests/test_aot.py does): 27.08 GiB of 95 per chip with splash
+attention (40.0 GiB with XLA attention), compiled / counted FLOPs 1.003.
 """
 
 from jaxlm.config import base_config
@@ -37,7 +38,7 @@ def get_config(arg: str = ""):  # pylint: disable=unused-argument
     c.global_batch_size = 256
     c.seq_len = 1024  # 262,144 tokens a step.
     # In 4 micro-batches: the sweep's largest model (24 layers, d_model 1536) needs 138 GiB of
-    # temporaries per v5p chip in one; in four, 40 GiB of 95 (`jaxlm aot`, below).
+    # temporaries per v5p chip in one (XLA attention); in four, 27 GiB of 95 in all (`jaxlm aot`).
     c.grad_accum_steps = 4
     c.log_every = 50
     c.eval_every = 0  # The fit takes the final evaluation.

@@ -34,6 +34,8 @@ from jaxlm.tpu_topology import CHIP_HBM_GIB, chip_of, parse_topology, topology_d
 
 EXIT_DOES_NOT_FIT = 3
 GIB = 1024 ** 3
+# The Mosaic kernels of splash attention, by name in the compiled program (forward, dq, dkv).
+SPLASH_KERNEL_RE = re.compile(r"splash_m[hq]a_(?:fwd|dq|dkv)\w*")
 
 
 # == Config ==========================================================================================
@@ -52,8 +54,6 @@ def prepare_config(config, num_slices: int):
     elif dcn != num_slices:
         raise UserError(f"mesh.dcn_data x mesh.dcn_fsdp = {dcn} but --num_slices={num_slices}; "
                         f"make them equal (or leave mesh.dcn_* at 1 and pass only --num_slices)")
-    if config.model.attention_impl == "auto":
-        config.model.attention_impl = "xla"  # What "auto" picks on a TPU, whatever this host is.
     return config
 
 
@@ -75,18 +75,22 @@ def _memory(compiled) -> dict:
 
 
 
-def remat_recompute_flops_per_token(cfg, seq_len: int, chunked_loss: bool = False) -> float:
+def remat_recompute_flops_per_token(cfg, seq_len: int, chunked_loss: bool = False,
+                                    attention_impl: str = "xla") -> float:
     """Matmul FLOPs the backward pass recomputes under the model's remat policy, per token.
 
     dots_no_batch saves the weight matmuls but not the batched attention matmuls (QK^T, AV:
     2 x 2·H·Q·T forward FLOPs per layer); full saves nothing, so each layer's forward runs
     again; dots saves every matmul; none recomputes nothing. The chunked loss (loss_chunk_size)
     recomputes each chunk's vocabulary projection (2·d·V) instead of keeping its logits.
+    Splash attention's backward kernels run 7 attention matmuls where the model counts 4 (dq
+    and dkv each recompute QK^T, and both need dO·V^T): 1.5 x the forward's 2 more per layer.
     """
     from jaxlm import metrics  # pylint: disable=import-outside-toplevel
     attention_fwd = 4 * cfg.num_layers * cfg.num_heads * cfg.dim_per_head * seq_len
     layer_matmuls = metrics.matmul_params(cfg) - cfg.d_model * cfg.vocab_size
     loss = 2.0 * cfg.d_model * cfg.vocab_size if chunked_loss else 0.0
+    loss += 1.5 * attention_fwd if attention_impl == "splash" else 0.0
     return loss + {"none": 0.0, "dots": 0.0, "dots_no_batch": float(attention_fwd),
                    "full": float(2 * layer_matmuls + attention_fwd)}[cfg.remat_policy]
 
@@ -124,6 +128,7 @@ def aot_report(config, topology: str, num_slices: int = 1, include_eval: bool = 
 
     from jaxlm import metrics, sharding  # pylint: disable=import-outside-toplevel
     from jaxlm.resolve import check_batch_layout  # pylint: disable=import-outside-toplevel
+    from jaxlm.models.attention import choose_impl  # pylint: disable=import-outside-toplevel
     from jaxlm.trainer import Trainer  # pylint: disable=import-outside-toplevel
     mesh = sharding.make_mesh(config.mesh, devices=devices)
     check_batch_layout(config, mesh)
@@ -134,7 +139,8 @@ def aot_report(config, topology: str, num_slices: int = 1, include_eval: bool = 
     # A classifier's pooled head replaces the vocabulary projection: the task says which it has.
     model_flops = metrics.train_flops_per_token(cfg, config.seq_len, trainer.task.vocab_head) * tokens
     chunked_loss = bool(config.get("loss_chunk_size", 0)) and trainer.task.vocab_head
-    recompute = remat_recompute_flops_per_token(cfg, config.seq_len, chunked_loss) * tokens
+    attention = choose_impl(cfg.attention_impl, "tpu", cfg.compute_dtype, cfg.dim_per_head)
+    recompute = remat_recompute_flops_per_token(cfg, config.seq_len, chunked_loss, attention) * tokens
     report: dict[str, Any] = {
         "topology": topology, "num_slices": num_slices, "chip": chip,
         "device_kind": devices[0].device_kind, "num_devices": len(devices),
@@ -144,7 +150,8 @@ def aot_report(config, topology: str, num_slices: int = 1, include_eval: bool = 
         "model": {"params": int(trainer.num_params), "num_layers": cfg.num_layers, "d_model": cfg.d_model,
                   "num_heads": cfg.num_heads, "kv_heads": cfg.kv_heads, "d_ff": cfg.d_ff,
                   "vocab_size": cfg.vocab_size, "dtype": cfg.dtype, "param_dtype": cfg.param_dtype,
-                  "scan_layers": cfg.scan_layers, "remat_policy": cfg.remat_policy},
+                  "scan_layers": cfg.scan_layers, "remat_policy": cfg.remat_policy,
+                  "attention_impl": attention},
         "optimizer": config.optim.name,
         "batch": {"global_batch_size": config.global_batch_size, "seq_len": config.seq_len,
                   "grad_accum_steps": config.grad_accum_steps, "tokens_per_step": tokens,
@@ -192,7 +199,9 @@ def aot_report(config, topology: str, num_slices: int = 1, include_eval: bool = 
     cost = compiled_cost(train_c)
     n = len(devices)
     flops["xla_cost_analysis_per_device"] = float(cost.get("flops", 0.0))
-    program = HloProgram(train_c.as_text())
+    text = train_c.as_text()
+    program = HloProgram(text)
+    report["splash_kernels"] = sorted(set(SPLASH_KERNEL_RE.findall(text)))
     try:
         per_device, loops = loop_weighted_flops(program)
         flops["compiled_per_device"] = per_device
@@ -201,7 +210,9 @@ def aot_report(config, topology: str, num_slices: int = 1, include_eval: bool = 
         flops["compiled_over_model"] = per_device * n / model_flops
         flops["compiled_over_hardware"] = per_device * n / (model_flops + recompute)
         flops["method"] = ("XLA cost analysis of the compiled train step per device, with each while-loop "
-                           "body weighted by its trip count, x devices")
+                           "body weighted by its trip count, x devices"
+                           + ("; splash kernels, which XLA counts as 0, from their operand shapes (dense T x S)"
+                              if report["splash_kernels"] else ""))
     except Exception as e:  # pylint: disable=broad-except  # The figure is missing, not wrong.
         flops["compiled_per_step"] = None
         flops["method"] = f"unavailable: the compiled HLO could not be re-analysed ({type(e).__name__}: {e})"
@@ -235,7 +246,9 @@ def format_report(report: dict) -> str:
         f"({CHIP_HBM_GIB[r['chip']]} GiB HBM each), mesh {mesh}",
         f"model: {m['params']:,} params, {m['num_layers']} layers, d_model {m['d_model']}, {m['num_heads']} heads "
         f"({m['kv_heads']} kv), d_ff {m['d_ff']}, vocab {m['vocab_size']}; compute {m['dtype']}, params "
-        f"{m['param_dtype']}, remat {m['remat_policy']}, scan_layers {m['scan_layers']}; optimizer {r['optimizer']}",
+        f"{m['param_dtype']}, remat {m['remat_policy']}, scan_layers {m['scan_layers']}, attention {m.get('attention_impl', '?')}"
+        f"{' (kernels: ' + ', '.join(r['splash_kernels']) + ')' if r.get('splash_kernels') else ''}; "
+        f"optimizer {r['optimizer']}",
         f"batch: {b['global_batch_size']} x {b['seq_len']} = {b['tokens_per_step']:,} tokens/step"
         f"{', grad_accum ' + str(b['grad_accum_steps']) if b['grad_accum_steps'] > 1 else ''}"
         f"{', loss chunks of ' + format(b['loss_chunk_size'], ',') + ' tokens' if b.get('loss_chunk_size') else ''}; "
@@ -267,7 +280,8 @@ def format_report(report: dict) -> str:
     lines.append(f"  analytic model          {_flops(f['analytic_model_per_step'])}   "
                  f"(train_flops_per_token x {b['tokens_per_step']:,} tokens)")
     lines.append(f"  + remat recompute       {_flops(f['analytic_remat_recompute_per_step'])}   "
-                 f"(remat {m['remat_policy']}{' + chunked loss' if b.get('loss_chunk_size') else ''})")
+                 f"(remat {m['remat_policy']}{' + chunked loss' if b.get('loss_chunk_size') else ''}"
+                 f"{' + splash backward' if m.get('attention_impl') == 'splash' else ''})")
     if f.get("compiled_per_step"):
         rest = f["compiled_per_step"] - f["analytic_hardware_per_step"]
         lines.append(f"  compiled / model        {f['compiled_over_model']:.4f}")

@@ -4,7 +4,9 @@ XLA's cost analysis (what `Compiled.cost_analysis()` reports) counts a while loo
 however many times it runs; scanned layers and gradient accumulation are such loops. This module
 splits the text of a compiled program into its computations, finds each loop's trip count and
 re-runs the cost analysis per computation, so that `loop_weighted_flops` is the FLOPs one
-execution really does. `collective_counts` / `largest_collectives` list the cross-device ops with
+execution really does. Custom kernels carry no FLOPs in that analysis; splash attention's
+Mosaic kernels (`splash_mha_fwd*`, `*_dq*`, `*_dkv*`) are counted from their operand shapes
+(`kernel_flops`). `collective_counts` / `largest_collectives` list the cross-device ops with
 the bytes they move. Works on any backend's program text (TPU from `jaxlm aot`, CPU in the tests).
 
     program = HloProgram(compiled.as_text())
@@ -28,6 +30,59 @@ _BYTES = {"pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2"
           "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
           "c128": 16}
 _ARRAY_RE = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\]")
+# Matmuls per splash kernel, each 2·(query elements)·(keys) FLOPs: the forward computes QK^T and
+# PV; dq recomputes QK^T and dO·V^T, then dS·K; dkv recomputes both, then P^T·dO and dS^T·Q.
+_SPLASH_MATMULS = (("fwd", 2), ("dq", 3), ("dkv", 4))
+_SPLASH_RE = re.compile(r"%splash_m[hq]a_(fwd|dq|dkv)[\w.\-]* = ")
+
+
+def strip_attribute(text: str, name: str) -> str:
+    """`text` without any `, name={...}` attribute (braces balanced, quoted strings skipped).
+
+    Pallas kernels' frontend_attributes hold JSON over several lines, which HLO's parser rejects
+    when the text is read back; they change neither FLOPs nor buffers."""
+    key, out, i = f", {name}={{", [], 0
+    while True:
+        j = text.find(key, i)
+        if j < 0:
+            return "".join(out) + text[i:]
+        out.append(text[i:j])
+        k, depth, quoted = j + len(key) - 1, 0, False
+        while k < len(text):
+            ch = text[k]
+            if quoted:
+                if ch == "\\":
+                    k += 1
+                elif ch == '"':
+                    quoted = False
+            elif ch == '"':
+                quoted = True
+            elif ch == "{":
+                depth += 1
+            elif ch == "}":
+                depth -= 1
+                if depth == 0:
+                    break
+            k += 1
+        i = k + 1
+
+
+def kernel_flops(line: str) -> float:
+    """FLOPs of one splash attention kernel call (0 for any other instruction), from the shapes in
+    its operand_layout_constraints: queries [..., T, D] are the first floating-point array,
+    keys [..., S, D] the next. Dense
+    T x S, as jaxlm.metrics counts attention; under a causal mask the kernel skips the blocks
+    above the diagonal, so it does about half that."""
+    m = _SPLASH_RE.match(line.lstrip())
+    c = re.search(r"operand_layout_constraints=\{(.*?)\}(?:, [a-z_]+=|$)", line)
+    if not m or not c:
+        return 0.0
+    arrays = [[int(d) for d in dims.split(",")] for dtype, dims in _ARRAY_RE.findall(c.group(1))
+              if dtype.startswith(("f", "bf")) and dims.count(",") >= 2]  # Not the int8 mask tables.
+    if len(arrays) < 2:
+        return 0.0
+    matmuls = dict(_SPLASH_MATMULS)[m.group(1)]
+    return 2.0 * matmuls * math.prod(arrays[0]) * arrays[1][-2]
 
 
 def _skip_type(text: str, i: int) -> int:
@@ -57,7 +112,7 @@ class HloProgram:
     """The compiled HLO text, split into computations, with loop trip counts resolved."""
 
     def __init__(self, text: str):
-        self.text = text
+        self.text = text = strip_attribute(text, "frontend_attributes")
         lines = text.splitlines()
         self.preamble: list[str] = []  # Everything before the first computation, minus the header.
         self.blocks: dict[str, list[str]] = {}  # computation -> its lines, in text order.
@@ -241,9 +296,11 @@ def loop_weighted_flops(program: HloProgram) -> tuple[float, list[dict]]:
     cache: dict[str, float] = {}
     found: list[dict] = []
 
-    def xla(comp: str) -> float:
+    def xla(comp: str) -> float:  # As XLA counts: each reachable computation once.
         if comp not in cache:
-            cache[comp] = float(hlo_text_cost(program.module_text(comp)).get("flops", 0.0))
+            kernels = sum(kernel_flops(ins.line) for c in program.reachable(comp)
+                          for ins in program.instructions[c] if ins.opcode == "custom-call")
+            cache[comp] = float(hlo_text_cost(program.module_text(comp)).get("flops", 0.0)) + kernels
         return cache[comp]
 
     def true(comp: str) -> float:
