@@ -52,6 +52,7 @@ def _hf_model(cfg: ModelConfig, params):
                         f"({e.name}); pip install torch transformers") from None
     from jaxlm.convert import export_hf  # pylint: disable=import-outside-toplevel
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # "Loading weights" is not this benchmark's output.
     with tempfile.TemporaryDirectory() as tmp:
         export_hf(cfg, params, tmp)
         model = transformers.GPT2LMHeadModel.from_pretrained(tmp).eval()

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import FAST_COMPILE, replace, tiny_bert_config, tiny_config, tiny_llama_config
 from jaxlm.models import Model
-from jaxlm.models.transformer import matmul_dot_general, matmul_einsum
+from jaxlm.models.matmul import gelu_erf, matmul_dot_general, matmul_einsum
 from test_model import init_params, tokens_for
 
 BF16 = jnp.bfloat16
@@ -114,3 +114,14 @@ def test_models_with_bf16_matmuls_follow_float32(cfg, head):
 def test_a_bad_matmul_dtype_is_named():
     problems = tiny_config(matmul_dtype="int8").problems()
     assert len(problems) == 1 and problems[0].startswith("model.matmul_dtype='int8'"), problems
+
+
+def test_gelu_erf_is_the_exact_gelu():
+    """The erf form (PyTorch's) against jax's erfc form, values and gradients, over the range
+    where GELU bends and its tails."""
+    x = jnp.linspace(-12.0, 12.0, 4097, dtype=jnp.float32)
+    exact = lambda z: jax.nn.gelu(z, approximate=False)  # noqa: E731
+    np.testing.assert_allclose(gelu_erf(x), exact(x), atol=1e-6, rtol=1e-6)
+    grad = jax.vmap(jax.grad(gelu_erf))(x)
+    np.testing.assert_allclose(grad, jax.vmap(jax.grad(exact))(x), atol=1e-6, rtol=1e-6)
+    assert float(gelu_erf(jnp.float32(1.0))) == pytest.approx(0.8413447460685429, abs=1e-7)  # 1·Φ(1).

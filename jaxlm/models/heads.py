@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.models.config import ModelConfig
-from jaxlm.models.transformer import Norm, matmul_dot_general, matmul_einsum, normal_init, zeros_init
+from jaxlm.models.matmul import gelu_erf, matmul_dot_general, matmul_einsum
+from jaxlm.models.transformer import Norm, normal_init, zeros_init
 
 Array = jax.Array
 
@@ -52,7 +53,8 @@ class MLMHead(nn.Module):
 
     def features(self, x: Array) -> Array:
         """What the tied decoder projects: dense, activation, norm."""
-        h = nn.gelu(self.transform(x), approximate=self.cfg.activation == "gelu_tanh")
+        h = self.transform(x)
+        h = nn.gelu(h, approximate=True) if self.cfg.activation == "gelu_tanh" else gelu_erf(h)
         return self.norm(h)
 
     def __call__(self, x: Array, attend: Callable[[Array], Array]) -> Array:

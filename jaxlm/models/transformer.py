@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jaxlm.models.config import ModelConfig
 # attention_mask is re-exported: tests/test_packing.py (and older callers) import it from here.
 from jaxlm.models.attention import attend, attention_mask, cached_attention, model_mask  # noqa: F401
+from jaxlm.models.matmul import gelu_erf, matmul_dot_general, matmul_einsum
 
 Array = jax.Array
 
@@ -32,69 +33,6 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-
-
-def matmul_einsum(cfg: ModelConfig, equation: str, x: Array, kernel: Array) -> Array:
-    """x against kernel by `equation`, with inputs in model.matmul_dtype and the result in
-    model.dtype (float32 accumulation when only the matmuls take bf16)."""
-    dtype, inputs = cfg.compute_dtype, cfg.matmul_input_dtype
-    if inputs == dtype:
-        return jnp.einsum(equation, x.astype(dtype), kernel.astype(dtype))
-    operands, out = equation.split("->")
-    lhs, rhs = operands.split(",")
-    if lhs.startswith("..."):  # Leading dims folded into one, so the weight gradient names them.
-        lead = x.shape[:x.ndim - len(lhs) + 3]
-        y = mixed_einsum(f"Z{lhs[3:]},{rhs}->Z{out[3:]}", x.reshape((-1,) + x.shape[len(lead):]),
-                         kernel, inputs, dtype)
-        return y.reshape(lead + y.shape[1:])
-    return mixed_einsum(equation, x, kernel, inputs, dtype)
-
-
-def mixed_einsum(equation: str, x: Array, w: Array, inputs, out) -> Array:
-    """einsum(equation, x, w) with x, w cast to `inputs` and the result in `out`, and a backward
-    pass whose two matmuls also take `inputs` (the cotangent cast to it) and return `out`.
-
-    jax's own transpose of a bf16-in, float32-out dot multiplies the float32 cotangent with a
-    bf16 operand, which XLA:CPU runs at float32 speed; this keeps all three matmuls in bf16.
-    Every label of x (and of w) must appear in w or the output (x) or the output: true of the
-    projections' equations, whose gradients are then einsums of the same form."""
-    operands, result = equation.split("->")
-    lhs, rhs = operands.split(",")
-    x_dtype, w_dtype = x.dtype, w.dtype
-
-    def apply(eq, a, b):
-        return jnp.einsum(eq, a.astype(inputs), b.astype(inputs), preferred_element_type=out)
-
-    @jax.custom_vjp
-    def f(a, b):
-        return apply(equation, a, b)
-
-    def fwd(a, b):
-        a, b = a.astype(inputs), b.astype(inputs)
-        return apply(equation, a, b), (a, b)
-
-    def bwd(saved, g):
-        a, b = saved
-        da = apply(f"{result},{rhs}->{lhs}", g, b)
-        db = apply(f"{lhs},{result}->{rhs}", a, g)
-        return da.astype(x_dtype), db.astype(w_dtype)
-
-    f.defvjp(fwd, bwd)
-    return f(x, w)
-
-
-def matmul_dot_general(cfg: ModelConfig):
-    """flax Dense's dot_general doing what matmul_einsum does (None: flax's own)."""
-    dtype, inputs = cfg.compute_dtype, cfg.matmul_input_dtype
-    if inputs == dtype:
-        return None
-
-    def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-        del precision, preferred_element_type  # The inputs' and the compute dtype decide.
-        if dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())) or rhs.ndim != 2:
-            raise ValueError(f"matmul_dtype: Dense contracts {dimension_numbers}, not last x first")
-        return matmul_einsum(cfg, "...i,io->...o", lhs, rhs)
-    return dot_general
 
 
 def normal_init(cfg: ModelConfig, axes: tuple[str, ...]):
@@ -294,7 +232,7 @@ class Mlp(nn.Module):
             act = nn.silu if cfg.activation == "swiglu" else (lambda z: nn.gelu(z, approximate=True))
             h = act(dense("wi_gate", cfg.d_ff, "embed", "mlp", x)) * dense("wi_up", cfg.d_ff, "embed", "mlp", x)
         else:
-            act = {"gelu": lambda z: nn.gelu(z, approximate=False),
+            act = {"gelu": gelu_erf,
                    "gelu_tanh": lambda z: nn.gelu(z, approximate=True),
                    "relu": nn.relu, "silu": nn.silu}[cfg.activation]
             h = act(dense("wi", cfg.d_ff, "embed", "mlp", x))
