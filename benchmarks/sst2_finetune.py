@@ -6,6 +6,8 @@ files come from benchmarks/data/sst2/ unless --sst2_dir or $JAXLM_SST2_DIR names
     python benchmarks/sst2_finetune.py                       # MiniLM-L6, 20 minutes of training
     python benchmarks/sst2_finetune.py --model=scratch       # the small encoder from scratch
     python benchmarks/sst2_finetune.py --budget_minutes=10 --peer   # then the peer, same budget
+    python benchmarks/sst2_finetune.py --budget_minutes=5 --same_steps  # the peer first, then
+                                     # jaxlm for exactly the peer's steps (no time budget)
 
 The budget counts the training loop (the first compile and the data preparation before it are
 not counted, nor is the final dev evaluation), as the peer counts its loop. examples/s is
@@ -58,11 +60,28 @@ def main() -> int:
     parser.add_argument("--sst2_dir", default=os.environ.get("JAXLM_SST2_DIR", SST2_DIR),
                         help="folder with train.tsv and dev.tsv (default: $JAXLM_SST2_DIR, else benchmarks/data/sst2)")
     parser.add_argument("--peer", action="store_true", help="then run the HF + PyTorch peer with the same budget")
+    parser.add_argument("--same_steps", action="store_true",
+                        help="run the peer first for the budget, then jaxlm for the steps the peer took")
     args, overrides = parser.parse_known_args()
+    if args.same_steps and args.model != "minilm":
+        print("the peer fine-tunes MiniLM; run --same_steps with --model=minilm", file=sys.stderr)
+        return 2
+    peer_line = ""
+    if args.same_steps:
+        peer = subprocess.run([sys.executable, PEER, args.sst2_dir, str(60 * args.budget_minutes)],
+                              check=False, capture_output=True, text=True)
+        peer_line = (peer.stdout.strip().splitlines() or [""])[-1]
+        print(peer_line, flush=True)
+        fields = dict(f.split("=", 1) for f in peer_line.split() if "=" in f)
+        if peer.returncode != 0 or "examples_seen" not in fields:
+            print(f"the peer failed: {peer.stderr.strip()[-500:]}", file=sys.stderr)
+            return 1
+        steps = -(-int(fields["examples_seen"]) // 32)  # The peer's batches of 32.
+        overrides = [f"--config.steps={steps}", *overrides]
 
     workdir = args.workdir or os.path.join(REPO, "runs", f"bench_sst2_{args.model}_{time.strftime('%Y%m%d_%H%M%S')}")
     command = [sys.executable, "-m", "jaxlm", "train", f"--config={CONFIGS[args.model]}", f"--workdir={workdir}",
-               f"--config.train_time_budget_minutes={args.budget_minutes}", *overrides]
+               f"--config.train_time_budget_minutes={0 if args.same_steps else args.budget_minutes}", *overrides]
     if args.data_dir:
         command.append(f"--config.data.data_dir={args.data_dir}")
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"), JAXLM_SST2_DIR=args.sst2_dir)
@@ -77,6 +96,11 @@ def main() -> int:
           f"steps={s['steps']} examples_seen={s['examples_seen']} examples_per_s={s['examples_per_s']:.1f} "
           f"dev_accuracy={s['dev_accuracy']:.4f} dev_f1={s['dev_f1']:.4f} "
           f"wall_s={time.time() - started:.0f} workdir={workdir}", flush=True)
+    if peer_line:
+        fields = dict(f.split("=", 1) for f in peer_line.split() if "=" in f)
+        print(f"same steps ({s['steps']}): dev accuracy jaxlm {s['dev_accuracy']:.4f} vs peer "
+              f"{float(fields['dev_accuracy']):.4f}; examples/s jaxlm / peer = "
+              f"{s['examples_per_s'] / float(fields['examples_per_s']):.2f}x", flush=True)
     if args.peer:
         if args.model != "minilm":
             print("the peer fine-tunes MiniLM; run it with --model=minilm", file=sys.stderr)
