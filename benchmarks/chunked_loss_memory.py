@@ -11,12 +11,11 @@ memory is printed. The last line printed is one JSON object.
 """
 
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from splash_aot import GIB, compile_one  # noqa: E402  (sets JAX_PLATFORMS before jax loads)
+from splash_aot import GIB, compile_one, finish  # noqa: E402  (sets JAX_PLATFORMS before jax loads)
 
 
 def main(argv=None) -> int:
@@ -50,11 +49,7 @@ def main(argv=None) -> int:
                 summary[f"total_chunk{r['loss_chunk_size']}_over_plain"] = ratio
                 print(f"total per device: chunks of {r['loss_chunk_size']} {r['memory']['total'] / GIB:.2f} GiB "
                       f"vs plain {plain[0]['memory']['total'] / GIB:.2f} GiB ({ratio:.3f}x)", flush=True)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(summary, f, indent=1)
-    print(json.dumps(summary))
-    return 0
+    return finish(summary, args.json_out)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,15 @@ def compile_one(recipe: str, topology: str, overrides: dict) -> dict:
             "splash_kernels": kernels, "has_splash": bool(kernels), "memory": aot._memory(compiled)}
 
 
+def finish(summary: dict, json_out: str) -> int:
+    """The summary to --json_out (if given) and as the last line printed."""
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(summary, f, indent=2)
+    print(json.dumps(summary))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/llama_1b.py")
@@ -76,11 +85,7 @@ def main(argv=None) -> int:
         summary["temporaries_splash_over_xla"] = s / x
         print(f"temporaries per device: splash {s / GIB:.2f} GiB vs xla {x / GIB:.2f} GiB "
               f"({s / x:.3f}x)", flush=True)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(summary, f, indent=2)
-    print(json.dumps(summary))
-    return 0
+    return finish(summary, args.json_out)
 
 
 if __name__ == "__main__":

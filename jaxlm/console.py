@@ -80,7 +80,12 @@ class _ConsoleFormatter(logging.Formatter):
             message = "progress: " + message[len(_CLU_NOTES):]
         elif (m := _CLU_SCALARS.match(message)) and record.pathname.endswith("logging_writer.py"):
             pairs = [p.partition("=") for p in m.group(2).split(", ")]
-            message = f"step {m.group(1)}: " + "  ".join(f"{k}={_short_number(v)}" for k, _, v in pairs)
+            # Per-class values (eval/f1/<label>, eval/confusion/<a>/<b>) stay in the log and in
+            # metrics.jsonl: with many classes they would bury the headline figures.
+            shown = [(k, v) for k, _, v in pairs if k.count("/") < 2]
+            message = f"step {m.group(1)}: " + "  ".join(f"{k}={_short_number(v)}" for k, v in shown)
+            if len(shown) < len(pairs):
+                message += f"  (+{len(pairs) - len(shown)} per-class values in metrics.jsonl)"
         if record.levelno >= logging.WARNING:
             message = f"{record.levelname.lower()}: {message}"
         return f"{time.strftime('%H:%M:%S', time.localtime(record.created))} {message}"

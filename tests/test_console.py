@@ -146,3 +146,14 @@ def test_tpu_probe_is_left_to_jax_when_asked_or_on_a_tpu_vm(monkeypatch):
 def _write(path, text):
     path.write_text(text)
     return path
+
+
+def test_per_class_eval_values_stay_off_the_console():
+    """A 6-class eval logs 36 confusion counts and 18 per-class scores: the console line keeps
+    the headline figures and says where the rest went."""
+    scalars = {"eval/accuracy": 0.4976, "eval/f1_macro": 0.4812345, "eval/f1/ROMEO": 0.5,
+               "eval/confusion/ROMEO/ROMEO": 12.0, "eval/confusion/ROMEO/GLOUCESTER": 3.0}
+    record = logging.LogRecord("absl", logging.INFO, os.path.join("clu", "metric_writers", "logging_writer.py"),
+                               48, "[250] " + ", ".join(f"{k}={v}" for k, v in scalars.items()), None, None)
+    line = console._ConsoleFormatter().format(record)  # pylint: disable=protected-access
+    assert line.endswith("step 250: eval/accuracy=0.4976  eval/f1_macro=0.4812  (+3 per-class values in metrics.jsonl)")
