@@ -89,9 +89,9 @@ def remat_recompute_flops_per_token(cfg, seq_len: int, chunked_loss: bool = Fals
     from jaxlm import metrics  # pylint: disable=import-outside-toplevel
     attention_fwd = 4 * cfg.num_layers * cfg.num_heads * cfg.dim_per_head * seq_len
     layer_matmuls = metrics.matmul_params(cfg) - cfg.d_model * cfg.vocab_size
-    loss = 2.0 * cfg.d_model * cfg.vocab_size if chunked_loss else 0.0
-    loss += 1.5 * attention_fwd if attention_impl == "splash" else 0.0
-    return loss + {"none": 0.0, "dots": 0.0, "dots_no_batch": float(attention_fwd),
+    extra = 2.0 * cfg.d_model * cfg.vocab_size if chunked_loss else 0.0
+    extra += 1.5 * attention_fwd if attention_impl == "splash" else 0.0
+    return extra + {"none": 0.0, "dots": 0.0, "dots_no_batch": float(attention_fwd),
                    "full": float(2 * layer_matmuls + attention_fwd)}[cfg.remat_policy]
 
 
