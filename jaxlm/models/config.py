@@ -44,7 +44,7 @@ class ModelConfig:
     # The dtype the matmuls' inputs are cast to ("": dtype). bfloat16 with dtype float32 is mixed
     # precision where only the matmuls take bf16 inputs and return float32 (norms, softmax, the
     # residual stream stay float32): on XLA:CPU that dot runs 1.4-1.8x faster than a float32 one,
-    # while a bf16-in, bf16-out dot is no faster (benchmarks/README.md, "bf16 on a CPU").
+    # while a bf16-in, bf16-out dot is no faster (benchmarks/README.md, "Train step speed").
     matmul_dtype: str = ""
     param_dtype: str = "float32"
     scan_layers: bool = True
