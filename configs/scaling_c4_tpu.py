@@ -19,7 +19,7 @@ can also be spread over several slices: `jaxlm scaling list` prints one command 
 Not trained by us (no TPU here): the losses and the fitted exponents are yours to measure. The
 largest run's step was compiled for v5p:2x2x2 on a CPU with libtpu (`jaxlm aot ...
 --config.model.num_layers=24 --config.model.d_model=1536 --config.model.num_heads=12
---config.model.d_ff=4096`, tests/test_aot.py does): 27.08 GiB of 95 per chip with splash
+--config.model.d_ff=4096`): 27.08 GiB of 95 per chip with splash
 attention (40.0 GiB with XLA attention), compiled / counted FLOPs 1.003.
 """
 

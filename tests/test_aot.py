@@ -1,10 +1,12 @@
 """`jaxlm aot`: the real train step compiled for TPU topologies on this CPU machine (libtpu).
 
-Every TPU recipe is compiled for the topology its docstring names, at its defaults (batch,
-sequence length, gradient accumulation, chunked loss, remat, splash attention): GPT-2 small on
-v5e:2x2, Llama 1B on v5p:2x2x2, the scaling sweep's largest run on v5p:2x2x2; then a model too
-big for v5e:2x2. They run as `python -m jaxlm aot` subprocesses started together, so they share
-the CI machine's cores; each test waits for its own.
+The training recipes are compiled for the topology their docstrings name, at their defaults
+(batch, sequence length, gradient accumulation, chunked loss, remat, splash attention): GPT-2
+small on v5e:2x2, Llama 1B on v5p:2x2x2; then a model too big for v5e:2x2. They run as
+`python -m jaxlm aot` subprocesses started together, so they share the CI machine's cores; each
+test waits for its own. The scaling sweep's largest run (configs/scaling_c4_tpu.py, 27.08 of 95
+GiB on v5p:2x2x2) is left to the command in its docstring: another 80 s would take the suite
+past its 25 minutes on the 2-core CI machine.
 """
 
 import json
@@ -26,9 +28,6 @@ GIB = 1024 ** 3
 RUNS = {
     "gpt2": ["--config=configs/gpt2_small.py", "--topology=v5e:2x2"],
     "llama": ["--config=configs/llama_1b.py", "--topology=v5p:2x2x2"],
-    # The sweep's largest model (`jaxlm scaling list --config=configs/scaling_c4_tpu.py`).
-    "scaling": ["--config=configs/scaling_c4_tpu.py", "--topology=v5p:2x2x2", "--config.model.num_layers=24",
-                "--config.model.d_model=1536", "--config.model.num_heads=12", "--config.model.d_ff=4096"],
     # ~10B parameters, replicated (data parallel): far beyond a v5e's 16 GiB.
     "too_big": ["--config=configs/gpt2_small.py", "--topology=v5e:2x2", "--config.global_batch_size=8",
                 "--config.seq_len=128", "--config.grad_accum_steps=1", "--config.model.d_model=8192", "--config.model.num_heads=64",
@@ -155,15 +154,6 @@ def test_llama_1b_on_v5p_2x2x2(runs):
     assert coll["all-gather"]["executed"] + coll["reduce-scatter"]["executed"] > 0, coll
     layer_params = report["model"]["params"] - 128_256 * 2048  # All but the (tied) embedding.
     assert sum(coll[k]["bytes_per_step"] for k in kinds) >= 2 * layer_params * 7 / 8, coll
-
-
-def test_scaling_sweep_largest_run_on_v5p_2x2x2(runs):
-    rc, stdout, stderr, report = runs("scaling")
-    check_fits(rc, stdout, stderr, report, hbm_gib=95)
-    assert report["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
-    assert report["model"]["num_layers"] == 24 and report["model"]["d_model"] == 1536
-    check_flops(report, num_layers=24)
-    check_splash(report)
 
 
 def test_does_not_fit_exits_3(runs):
