@@ -14,7 +14,6 @@ the recipe's is). The last line printed is one JSON object.
 import argparse
 import json
 import os
-import re
 import sys
 import time
 
@@ -24,11 +23,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu compiles; nothing probes
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 GIB = 1024 ** 3
-SPLASH_RE = re.compile(r"splash_m[hq]a_(?:fwd|dq|dkv)\w*")
 
 
 def compile_one(recipe: str, topology: str, overrides: dict) -> dict:
-    from jaxlm import aot, sharding  # pylint: disable=import-outside-toplevel
+    from jaxlm import aot, hlo_analysis, sharding  # pylint: disable=import-outside-toplevel
     from jaxlm import config as config_lib  # pylint: disable=import-outside-toplevel
     from jaxlm.tpu_topology import topology_devices  # pylint: disable=import-outside-toplevel
     from jaxlm.trainer import Trainer  # pylint: disable=import-outside-toplevel
@@ -39,7 +37,7 @@ def compile_one(recipe: str, topology: str, overrides: dict) -> dict:
     compiled = trainer.compile_train(trainer.task.batch_spec(config))
     seconds = time.perf_counter() - start
     text = compiled.as_text()
-    kernels = sorted(set(SPLASH_RE.findall(text)))
+    kernels = hlo_analysis.splash_kernels(text)
     return {"attention_impl": config.model.attention_impl, "compile_seconds": round(seconds, 1),
             "mesh": {k: int(v) for k, v in mesh.shape.items()},
             "tpu_custom_calls": text.count('custom_call_target="tpu_custom_call"'),

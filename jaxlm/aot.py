@@ -29,13 +29,12 @@ from typing import Any, Optional
 
 from jaxlm.compat import compiled_cost
 from jaxlm.errors import UserError
-from jaxlm.hlo_analysis import HloProgram, collective_counts, largest_collectives, loop_weighted_flops
+from jaxlm.hlo_analysis import (HloProgram, collective_counts, largest_collectives, loop_weighted_flops,
+                                splash_kernels)
 from jaxlm.tpu_topology import CHIP_HBM_GIB, chip_of, parse_topology, topology_devices
 
 EXIT_DOES_NOT_FIT = 3
 GIB = 1024 ** 3
-# The Mosaic kernels of splash attention, by name in the compiled program (forward, dq, dkv).
-SPLASH_KERNEL_RE = re.compile(r"splash_m[hq]a_(?:fwd|dq|dkv)\w*")
 
 
 # == Config ==========================================================================================
@@ -201,7 +200,7 @@ def aot_report(config, topology: str, num_slices: int = 1, include_eval: bool = 
     flops["xla_cost_analysis_per_device"] = float(cost.get("flops", 0.0))
     text = train_c.as_text()
     program = HloProgram(text)
-    report["splash_kernels"] = sorted(set(SPLASH_KERNEL_RE.findall(text)))
+    report["splash_kernels"] = splash_kernels(text)
     try:
         per_device, loops = loop_weighted_flops(program)
         flops["compiled_per_device"] = per_device

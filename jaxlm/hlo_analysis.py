@@ -33,7 +33,13 @@ _ARRAY_RE = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\]")
 # Matmuls per splash kernel, each 2·(query elements)·(keys) FLOPs: the forward computes QK^T and
 # PV; dq recomputes QK^T and dO·V^T, then dS·K; dkv recomputes both, then P^T·dO and dS^T·Q.
 _SPLASH_MATMULS = (("fwd", 2), ("dq", 3), ("dkv", 4))
+_SPLASH_NAME = r"splash_m[hq]a_(?:fwd|dq|dkv)\w*"
 _SPLASH_RE = re.compile(r"%splash_m[hq]a_(fwd|dq|dkv)[\w.\-]* = ")
+
+
+def splash_kernels(text: str) -> list[str]:
+    """The splash attention kernels (Mosaic custom calls) named in a compiled program's text."""
+    return sorted(set(re.findall(_SPLASH_NAME, text)))
 
 
 def strip_attribute(text: str, name: str) -> str:
@@ -69,10 +75,9 @@ def strip_attribute(text: str, name: str) -> str:
 
 def kernel_flops(line: str) -> float:
     """FLOPs of one splash attention kernel call (0 for any other instruction), from the shapes in
-    its operand_layout_constraints: queries [..., T, D] are the first floating-point array,
-    keys [..., S, D] the next. Dense
-    T x S, as jaxlm.metrics counts attention; under a causal mask the kernel skips the blocks
-    above the diagonal, so it does about half that."""
+    its operand_layout_constraints: queries [..., T, D] are the first floating-point array, keys
+    [..., S, D] the next. Counted dense, T x S, as jaxlm.metrics counts attention; under a causal
+    mask the kernel skips the blocks above the diagonal, so it does about half that."""
     m = _SPLASH_RE.match(line.lstrip())
     c = re.search(r"operand_layout_constraints=\{(.*?)\}(?:, [a-z_]+=|$)", line)
     if not m or not c:
