@@ -35,6 +35,20 @@ def start_cli(args: list[str], devices: int = 1, log_path: Optional[str] = None)
                             stdout=out, stderr=subprocess.STDOUT)
 
 
+def saved_state(workdir: str, step: int) -> dict:
+    """The arrays of checkpoint `step`'s train state as numpy, keyed by their tree path."""
+    import jax  # pylint: disable=import-outside-toplevel
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+    path = os.path.abspath(os.path.join(workdir, "checkpoints", str(step), "state"))
+    checkpointer = ocp.PyTreeCheckpointer()
+    meta = checkpointer.metadata(path)
+    tree = getattr(getattr(meta, "item_metadata", meta), "tree", getattr(meta, "item_metadata", meta))
+    args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    state = checkpointer.restore(path, restore_args=args)
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(state)[0]}
+
+
 def read_metrics(workdir: str) -> list[dict]:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
