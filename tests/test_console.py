@@ -157,3 +157,29 @@ def test_per_class_eval_values_stay_off_the_console():
                                48, "[250] " + ", ".join(f"{k}={v}" for k, v in scalars.items()), None, None)
     line = console._ConsoleFormatter().format(record)  # pylint: disable=protected-access
     assert line.endswith("step 250: eval/accuracy=0.4976  eval/f1_macro=0.4812  (+3 per-class values in metrics.jsonl)")
+
+
+HIDE_ON_IMPORT = """
+import sys
+from jaxlm.commands import common
+hidden = []
+common._hide_gpus = hidden.append  # what the hook calls, recorded
+common.hide_gpus_from_tensorflow()
+assert "tensorflow" not in sys.modules, "imported before anything needs it"
+import clu.metric_writers  # as the train loop does: clu imports tensorflow
+import tensorflow as tf
+common.hide_gpus_from_tensorflow()  # a second call: TensorFlow is there, hidden at once
+assert [m.__name__ for m in hidden] == ["tensorflow", "tensorflow"], hidden
+assert hidden[0] is tf
+print("ok")
+"""
+
+
+def test_tensorflow_gpus_are_hidden_when_it_is_imported_not_before(tmp_path):
+    """Commands that never import TensorFlow (aot, bench, generate, export) skip its import; where
+    tfds or clu import it, the GPUs are hidden from it right then and its native start-up lines
+    (oneDNN, CPU features: printed on this CPU) stay off the console."""
+    proc = subprocess.run([sys.executable, "-c", HIDE_ON_IMPORT], cwd=REPO, env=cli_env(devices=1),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+    assert "oneDNN" not in proc.stderr and "cpu_feature_guard" not in proc.stderr, proc.stderr[-3000:]
