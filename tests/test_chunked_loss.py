@@ -54,7 +54,8 @@ def test_chunked_loss_and_gradients_equal_the_plain_ones(case):
     task, model, params, batch = setup(*CASES[case])
     plain_loss, plain_grads = mean_loss(task, model, batch, 0)(params)
     assert 3.0 < float(plain_loss) < 6.0  # ~log(97) at init: a real loss, not a zero.
-    for chunk in (1, 5, 7, 16, 1000):  # 1 and 5: one position per row; 1000: one chunk.
+    # 1: one position per row; 7: a chunk count that does not divide the sequence; 1000: one chunk.
+    for chunk in (1, 7, 1000):
         loss, grads = mean_loss(task, model, batch, chunk)(params)
         assert abs(float(loss) - float(plain_loss)) < 1e-5, chunk
         diffs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), grads, plain_grads)

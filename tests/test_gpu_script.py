@@ -14,16 +14,15 @@ def test_the_gpu_script_dry_run_completes_with_every_row_and_equal_eval_losses(t
     out = tmp_path / "gpu"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)  # One CPU device, as one GPU: the rows' mesh is 1 x 1 x 1.
-    # Rows 1 (xla attention, plain loss) and 3 (chunked loss): the two loss paths; decode is
-    # covered by the bench tests.
-    proc = subprocess.run([sys.executable, "benchmarks/gpu_h200.py", "--dry_run", f"--out={out}", "--variants=1,3",
+    # Row 3 (cuDNN attention mapped to XLA on a CPU, chunked loss): the row most unlike the plain
+    # bench tests, which cover the plain loss and decode.
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_h200.py", "--dry_run", f"--out={out}", "--variants=3",
                            "--skip_decode"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["dry_run"] is True
     rows = results["train"]
-    assert [r["variant"] for r in rows] == ["xla attention, plain loss, remat dots_no_batch",
-                                            "cudnn attention, chunked loss, remat dots_no_batch"]
+    assert [r["variant"] for r in rows] == ["cudnn attention, chunked loss, remat dots_no_batch"]
     for r in rows:
         assert r["exit"] == 0 and r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1, r
     evals = results["eval"]
