@@ -187,7 +187,7 @@ def main() -> int:
     print(f"jax and devices: {devices.stdout.strip() or devices.stderr.strip()[-300:]}", flush=True)
 
     rows = train_rows(args, env, out)
-    decode = ""
+    decode = "(skipped: --skip_decode)"
     if not args.skip_decode:
         print("decode benchmark", flush=True)
         extra = ["--rounds=1", "--new_tokens=16", "--batch_sizes=1"] if args.dry_run else ["--rounds=3"]
