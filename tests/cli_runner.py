@@ -42,8 +42,9 @@ def saved_state(workdir: str, step: int) -> dict:
     import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
     path = os.path.abspath(os.path.join(workdir, "checkpoints", str(step), "state"))
     checkpointer = ocp.PyTreeCheckpointer()
-    meta = checkpointer.metadata(path)
-    tree = getattr(getattr(meta, "item_metadata", meta), "tree", getattr(meta, "item_metadata", meta))
+    tree = checkpointer.metadata(path)
+    tree = getattr(tree, "item_metadata", tree)  # newer orbax wraps the tree's metadata
+    tree = getattr(tree, "tree", tree)
     args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     state = checkpointer.restore(path, restore_args=args)
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(state)[0]}
