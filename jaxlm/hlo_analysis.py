@@ -33,13 +33,14 @@ _ARRAY_RE = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\]")
 # Matmuls per splash kernel, each 2·(query elements)·(keys) FLOPs: the forward computes QK^T and
 # PV; dq recomputes QK^T and dO·V^T, then dS·K; dkv recomputes both, then P^T·dO and dS^T·Q.
 _SPLASH_MATMULS = (("fwd", 2), ("dq", 3), ("dkv", 4))
-_SPLASH_NAME = r"splash_m[hq]a_(?:fwd|dq|dkv)\w*"
-_SPLASH_RE = re.compile(r"%splash_m[hq]a_(fwd|dq|dkv)[\w.\-]* = ")
+_SPLASH_KINDS = "|".join(kind for kind, _ in _SPLASH_MATMULS)
+_SPLASH_NAME_RE = re.compile(rf"splash_m[hq]a_(?:{_SPLASH_KINDS})\w*")  # anywhere in the text
+_SPLASH_RE = re.compile(rf"%splash_m[hq]a_({_SPLASH_KINDS})[\w.\-]* = ")  # an instruction's definition
 
 
 def splash_kernels(text: str) -> list[str]:
     """The splash attention kernels (Mosaic custom calls) named in a compiled program's text."""
-    return sorted(set(re.findall(_SPLASH_NAME, text)))
+    return sorted(set(_SPLASH_NAME_RE.findall(text)))
 
 
 def strip_attribute(text: str, name: str) -> str:

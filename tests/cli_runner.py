@@ -40,13 +40,11 @@ def saved_state(workdir: str, step: int) -> dict:
     import jax  # pylint: disable=import-outside-toplevel
     import numpy as np  # pylint: disable=import-outside-toplevel
     import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+    from jaxlm import io  # pylint: disable=import-outside-toplevel
     path = os.path.abspath(os.path.join(workdir, "checkpoints", str(step), "state"))
-    checkpointer = ocp.PyTreeCheckpointer()
-    tree = checkpointer.metadata(path)
-    tree = getattr(tree, "item_metadata", tree)  # newer orbax wraps the tree's metadata
-    tree = getattr(tree, "tree", tree)
+    tree = ocp.PyTreeCheckpointHandler().metadata(io.path(path)).tree  # as jaxlm.pretrained.restore_params reads it
     args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    state = checkpointer.restore(path, restore_args=args)
+    state = ocp.PyTreeCheckpointer().restore(path, restore_args=args)
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(state)[0]}
 
 
