@@ -164,7 +164,9 @@ def load_tokenizer(spec: str, workdir: str) -> transformers.PreTrainedTokenizerB
                 " so start the run again or restore that directory"
             )
         local = io.local_copy(directory) if io.is_remote(directory) else directory
-        return _from_pretrained(local, local_files_only=True)
+        # The run wrote this one as a plain PreTrainedTokenizerFast: loaded as that, not through
+        # AutoTokenizer, whose config machinery imports torch when it is installed (2.8 s -> 0.04 s).
+        return transformers.PreTrainedTokenizerFast.from_pretrained(local, local_files_only=True)
     if io.is_remote(spec):
         if not io.is_dir(spec):
             raise UserError(f"data.tokenizer={spec}: no such directory on the bucket; fix the path")
