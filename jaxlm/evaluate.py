@@ -15,7 +15,6 @@ from typing import Optional
 
 import jax
 import ml_collections
-from clu import metric_writers
 
 from jaxlm import config_checks, eval_loop, io, writers
 from jaxlm import run as run_lib
@@ -79,9 +78,9 @@ def evaluate_checkpoint(workdir: str, overrides: dict[str, str], step: Optional[
             "step": run.step, "split": split_name, "checkpoint": str(found.source.path),
             "devices": jax.device_count(), **scalars, **({"report": report} if report != scalars else {})})
         events_dir = io.path(workdir) / EVAL_DIRNAME / split_name
-        # On a bucket the events are written locally and uploaded (TensorFlow's GCS client is not used).
+        # On a bucket the events are written locally and uploaded (an object cannot be appended to).
         writer = (writers.BucketSummaryWriter(events_dir) if io.is_remote(events_dir)
-                  else metric_writers.SummaryWriter(str(events_dir)))
+                  else writers.TensorBoardWriter(str(events_dir)))
         writer.write_scalars(run.step, scalars)
         writer.close()
     return EvalResult(run.step, split_name, scalars, report, str(json_path))

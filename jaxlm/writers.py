@@ -1,8 +1,11 @@
 """Metric writers (clu): console + TensorBoard + DIR/metrics.jsonl (+ Weights & Biases).
 
-Only process 0 writes files; the other hosts log to their console only. metrics.jsonl goes
-through jaxlm.io (local disk or an object store). TensorBoard events for a bucket workdir are
-written on local disk and copied to the bucket at each flush (BucketSummaryWriter).
+TensorBoardWriter is a clu MetricWriter over jaxlm.tensorboard_events, without TensorFlow
+(clu's own SummaryWriter is tf.summary, and importing TensorFlow is most of a command's
+start-up). Only process 0 writes files; the other hosts log to their console only.
+metrics.jsonl goes through jaxlm.io (local disk or an object store). TensorBoard events for a
+bucket workdir are written on local disk and copied to the bucket at each flush
+(BucketSummaryWriter).
 """
 
 import math
@@ -16,6 +19,7 @@ from absl import logging
 from clu import metric_writers
 
 from jaxlm import io
+from jaxlm.tensorboard_events import EventFile
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -77,11 +81,27 @@ class JsonlWriter(ScalarsOnlyWriter):
         self._appender.close()
 
 
-class BucketSummaryWriter(metric_writers.SummaryWriter):
-    """TensorBoard events for a workdir on a bucket. clu's SummaryWriter is tf.summary, whose GCS
-    client is TensorFlow's own (fixed Google endpoints, its own credentials code): the events
-    are written into a local scratch directory of this host (JAXLM_CACHE_DIR/tensorboard/) and
-    each event file that grew is uploaded whole through jaxlm.io at every flush (the train loop
+class TensorBoardWriter(ScalarsOnlyWriter):
+    """Scalars into a TensorBoard event file in `logdir` (a local directory), as clu's
+    SummaryWriter writes them (float32 scalar summaries), without importing TensorFlow."""
+
+    def __init__(self, logdir: str):
+        self._events = EventFile(logdir)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+        self._events.add_scalars(step, scalars)
+
+    def flush(self):
+        self._events.flush()
+
+    def close(self):
+        self._events.close()
+
+
+class BucketSummaryWriter(TensorBoardWriter):
+    """TensorBoard events for a workdir on a bucket. An event file is appended to, which an
+    object store cannot do: the events are written into a local scratch directory of this host
+    (JAXLM_CACHE_DIR/tensorboard/) and each event file that grew is uploaded whole through jaxlm.io at every flush (the train loop
     flushes at each log step: a few hundred bytes per logged step, so uploads stay small).
     TensorBoard reads the gs:// logdir as it reads a local one. A kill loses the events since the
     last flush; its scratch directory stays behind in the cache (a few KB)."""
@@ -147,7 +167,7 @@ def create_writer(workdir: str, is_primary: bool, wandb_config: Optional[Any] = 
     writers = [metric_writers.LoggingWriter(), JsonlWriter(io.path(workdir) / METRICS_FILE)]
     try:
         writers.append(BucketSummaryWriter(workdir) if io.is_remote(workdir)
-                       else metric_writers.SummaryWriter(os.fspath(io.path(workdir))))
+                       else TensorBoardWriter(os.fspath(io.path(workdir))))
     except Exception as e:  # pylint: disable=broad-except
         logging.warning("TensorBoard writer unavailable (%s); metrics go to metrics.jsonl only", e)
     if wandb_config is not None and wandb_config.enabled:

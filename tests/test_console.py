@@ -166,8 +166,9 @@ hidden = []
 common._hide_gpus = hidden.append  # what the hook calls, recorded
 common.hide_gpus_from_tensorflow()
 assert "tensorflow" not in sys.modules, "imported before anything needs it"
-import clu.metric_writers  # as the train loop does: clu imports tensorflow
-import tensorflow as tf
+import clu.metric_writers  # as the train loop does: clu's import of tensorflow is deferred
+assert "tensorflow" not in sys.modules and not hidden
+import tensorflow as tf  # as anything that uses it would
 common.hide_gpus_from_tensorflow()  # a second call: TensorFlow is there, hidden at once
 assert [m.__name__ for m in hidden] == ["tensorflow", "tensorflow"], hidden
 assert hidden[0] is tf
@@ -176,8 +177,8 @@ print("ok")
 
 
 def test_tensorflow_gpus_are_hidden_when_it_is_imported_not_before(tmp_path):
-    """Commands that never import TensorFlow (aot, bench, generate, export) skip its import; where
-    tfds or clu import it, the GPUs are hidden from it right then and its native start-up lines
+    """TensorFlow is not imported at a command's start, nor by clu (jaxlm.deferred_imports); when
+    something does import it, the GPUs are hidden from it right then and its native start-up lines
     (oneDNN, CPU features: printed on this CPU) stay off the console."""
     proc = subprocess.run([sys.executable, "-c", HIDE_ON_IMPORT], cwd=REPO, env=cli_env(devices=1),
                           capture_output=True, text=True, timeout=300)

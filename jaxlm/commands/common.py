@@ -6,6 +6,7 @@ import importlib.util
 import os
 import sys
 
+from jaxlm import deferred_imports
 from jaxlm.errors import UserError
 
 
@@ -91,15 +92,22 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
+# The clu modules jaxlm uses that import TensorFlow (metric_writers; periodic_actions through it).
+CLU_MODULES = ("clu.metric_writers", "clu.periodic_actions")
+
+
 def hide_gpus_from_tensorflow() -> None:
     """TensorFlow (pulled in by tfds and clu) must never take GPU memory from JAX. Its native
     start-up lines (oneDNN, CPU features) go to the log file, not the console.
 
-    Done when TensorFlow is imported, not by importing it here: commands that never touch tfds
-    or clu (aot, bench, generate, export) then start without its ~9 s import on a 2-core host."""
+    Done when TensorFlow is imported, not by importing it here, and that import is deferred
+    until something uses it (jaxlm.deferred_imports): commands then start without its ~9 s
+    import on a 2-core host, although clu imports it."""
     if "tensorflow" in sys.modules:
         _hide_gpus(sys.modules["tensorflow"])
-    elif not any(isinstance(finder, _HideGpusOnImport) for finder in sys.meta_path):
+        return
+    deferred_imports.import_deferring(CLU_MODULES)  # First: its find_spec would use up the hook.
+    if not any(isinstance(finder, _HideGpusOnImport) for finder in sys.meta_path):
         sys.meta_path.insert(0, _HideGpusOnImport())
 
 
