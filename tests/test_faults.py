@@ -276,3 +276,18 @@ def test_a_missing_bucket_is_one_line(gcs, data_dir):  # noqa: F811
     with gcs.environ(), pytest.raises(UserError) as refused:  # What eval, generate, predict, export open.
         run_lib.find_run("gs://no-such-bucket/runs/x")
     assert str(refused.value) == message
+
+
+def test_a_closed_loop_traceback_of_a_failed_restore_goes_to_the_log_only(tmp_path, monkeypatch, capsys):
+    """tensorstore reports a read that ends after its restore failed through sys.excepthook (a
+    bare traceback of 'Event loop is closed'): filtered once a restore failed; anything else shown."""
+    from jaxlm import checkpoint  # pylint: disable=import-outside-toplevel
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
+    checkpoint._quiet_abandoned_reads(tmp_path)  # pylint: disable=protected-access
+    closed = RuntimeError("Event loop is closed")
+    sys.excepthook(RuntimeError, closed, None)
+    assert capsys.readouterr().err == ""
+    other = RuntimeError("a real bug")
+    sys.excepthook(RuntimeError, other, None)
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "RuntimeError: a real bug"
