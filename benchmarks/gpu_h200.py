@@ -19,8 +19,8 @@
 Everything lands in --out (default benchmarks/figures/gpu_h200_<time>/): a log per command, the
 table as results.md and results.json. Planned to finish in under 8 minutes on one H200, compiles
 included (each command has its own timeout, so a hang costs one row, not the session).
---dry_run shrinks the model to `:runlocal` shapes, maps cuDNN to XLA and forces the CPU, so the
-suite can run the whole sequence (tests/test_gpu_script.py).
+--dry_run shrinks the model to `:runlocal` shapes (the CPU-trained run to 10 steps), maps cuDNN
+to XLA and forces the CPU, so the suite can run the whole sequence (tests/test_gpu_script.py).
 """
 
 import argparse
@@ -116,8 +116,10 @@ def _last_line(path: str) -> str:
 def eval_rows(args, env: dict, cpu_env: dict, out: str) -> dict:
     workdir = os.path.join(out, "cpu_run")
     print("train a small run on the CPU (tiny Shakespeare :runlocal)", flush=True)
+    # A dry run only needs a checkpoint to evaluate: 10 steps, no evaluation during training.
+    short = ["--config.steps=10", "--config.eval_every=0", "--config.checkpoint_every=10"] if args.dry_run else []
     code, _, _ = run([sys.executable, "-m", "jaxlm", "train", "--config=configs/tiny_shakespeare.py:runlocal",
-                      f"--workdir={workdir}", f"--config.data.data_dir={os.path.join(out, 'tfds')}"],
+                      f"--workdir={workdir}", f"--config.data.data_dir={os.path.join(out, 'tfds')}", *short],
                      os.path.join(out, "cpu_train.log"), cpu_env, args.row_timeout * 2)
     if code != 0:
         return {"error": f"CPU training failed (exit {code}): {_last_line(os.path.join(out, 'cpu_train.log'))}"}

@@ -105,9 +105,11 @@ def host_env(root, i: int, gcs) -> dict:  # noqa: F811
     return env
 
 
-def start_pod(root, workdir, data_dir, gcs) -> list[subprocess.Popen]:  # noqa: F811
+def start_pod(hosts, log_dir, workdir, data_dir, gcs) -> list[subprocess.Popen]:  # noqa: F811
+    """The two hosts (their directories under `hosts`, kept from one start to the next, as a
+    host's disk is) start `jaxlm train`; their consoles go to `log_dir`."""
     args = runlocal_train(workdir, data_dir, STEPS, "--config.checkpoint_every=5", *MESH)
-    return start_two(workdir, data_dir, root, args, envs=[host_env(root, i, gcs) for i in range(2)])
+    return start_two(workdir, data_dir, log_dir, args, envs=[host_env(hosts, i, gcs) for i in range(2)])
 
 
 def bucket_losses(gcs, workdir):  # noqa: F811
@@ -127,8 +129,9 @@ def test_a_pod_on_a_bucket_matches_one_process_resumes_sigterm_and_skips_a_corru
     1 x 8 run's within 1e-6. A copy of the stopped run with its newest checkpoint truncated
     resumes from the one before, again within 1e-6 of the reference at every step."""
     root, prefix = str(tmp_path), gcs.fresh_prefix()
+    hosts = os.path.join(root, "hosts")
     workdir, data_dir = f"{prefix}/runs/pod", f"{prefix}/tfds"
-    procs = start_pod(os.path.join(root, "first"), workdir, data_dir, gcs)
+    procs = start_pod(hosts, os.path.join(root, "first"), workdir, data_dir, gcs)
     deadline = time.time() + 400
     while time.time() < deadline and all(p.poll() is None for p in procs):
         if max(bucket_losses(gcs, workdir) if gcs.object_names(f"{workdir}/metrics.jsonl") else {0: 0}) >= 12:
@@ -149,7 +152,7 @@ def test_a_pod_on_a_bucket_matches_one_process_resumes_sigterm_and_skips_a_corru
     # Data: prepared once by process 0 into the bucket; each host staged its own copy.
     assert any(n.endswith("dataset_info.json") for n in gcs.object_names(f"{data_dir}/")), "no prepared data"
     for i in range(2):
-        staged = [f for _, _, fs in os.walk(os.path.join(root, "first", f"host{i}", "cache")) for f in fs]
+        staged = [f for _, _, fs in os.walk(os.path.join(hosts, f"host{i}", "cache")) for f in fs]
         assert any(".array_record" in f for f in staged), f"host {i} has no local copy of the data"
 
     # A copy of the stopped run whose newest checkpoint lost bytes of one file.
@@ -161,7 +164,7 @@ def test_a_pod_on_a_bucket_matches_one_process_resumes_sigterm_and_skips_a_corru
         url = f"gs://{gcs.bucket}/{victim}"
         io.write_bytes_atomic(url, io.read_bytes(url)[:7])
 
-    procs = start_pod(os.path.join(root, "resume"), workdir, data_dir, gcs)
+    procs = start_pod(hosts, os.path.join(root, "resume"), workdir, data_dir, gcs)
     codes = wait_all(procs)
     assert codes == [0, 0], log_text(os.path.join(root, "resume"), 0)[-3000:]
     assert f"resuming from step {stopped}" in log_text(os.path.join(root, "resume"), 0)
@@ -169,7 +172,7 @@ def test_a_pod_on_a_bucket_matches_one_process_resumes_sigterm_and_skips_a_corru
     assert sorted(got) == list(range(1, STEPS + 1))
     assert_within_1e6(got, want, range(1, STEPS + 1))
 
-    procs = start_pod(os.path.join(root, "corrupt"), corrupt, data_dir, gcs)
+    procs = start_pod(hosts, os.path.join(root, "corrupt"), corrupt, data_dir, gcs)
     codes = wait_all(procs)
     text = log_text(os.path.join(root, "corrupt"), 0)
     assert codes == [0, 0], text[-3000:]
