@@ -101,8 +101,9 @@ class TensorBoardWriter(ScalarsOnlyWriter):
 class BucketSummaryWriter(TensorBoardWriter):
     """TensorBoard events for a workdir on a bucket. An event file is appended to, which an
     object store cannot do: the events are written into a local scratch directory of this host
-    (JAXLM_CACHE_DIR/tensorboard/) and each event file that grew is uploaded whole through jaxlm.io at every flush (the train loop
-    flushes at each log step: a few hundred bytes per logged step, so uploads stay small).
+    (JAXLM_CACHE_DIR/tensorboard/) and each event file that grew is uploaded whole through
+    jaxlm.io at every flush (the train loop flushes at each log step: a few hundred bytes per
+    logged step, so uploads stay small).
     TensorBoard reads the gs:// logdir as it reads a local one. A kill loses the events since the
     last flush; its scratch directory stays behind in the cache (a few KB)."""
 
