@@ -36,6 +36,7 @@ class PretrainedSource:
     kind: str  # "huggingface" | "jaxlm"
     path: str
     load_params: Callable[[Any], dict]  # abstract params of the new model -> nested numpy arrays
+    pooler: bool = False  # it has a trained pooler (BERT's tanh dense layer on [CLS])
 
     def load(self, abstract_params: Any) -> dict:
         """The source's parameters that fit the new model (same path and shape), as numpy."""
@@ -117,7 +118,7 @@ def _resolve_huggingface(config: ml_collections.ConfigDict, path: str) -> Pretra
     def load(abstract_params):
         return to_model_params(cfg, params, info, head, init_params=abstract_params)
 
-    return PretrainedSource("huggingface", path, load)
+    return PretrainedSource("huggingface", path, load, pooler="pooler" in info["heads"])
 
 
 # -- another jaxlm run ------------------------------------------------------------------------------
@@ -144,7 +145,7 @@ def _resolve_peft_adapters(config: ml_collections.ConfigDict, path: str) -> Pret
     def load(abstract_params):
         return hf_format.apply_adapters(source.load_params(abstract_params), abstract_params, base, path)
 
-    return PretrainedSource("peft", path, load)
+    return PretrainedSource("peft", path, load, pooler=source.pooler)
 
 
 def _resolve_run(config: ml_collections.ConfigDict, path: str, saved: dict) -> PretrainedSource:

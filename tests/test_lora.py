@@ -259,6 +259,28 @@ def test_a_learning_rate_given_on_the_command_line_is_kept(caplog, tiny_hf):
     assert saved["optim"]["learning_rate"] == 0.001 and "optim.learning_rate" in saved["finetune"]["keep"].split(",")
 
 
+def test_a_classifier_takes_the_sources_pretrained_pooler_unless_told_or_resumed_without(caplog, tiny_hf):
+    """BertModel saves its pooler: a fresh classification run uses it (as BertForSequenceClassification
+    does); the command line's value is kept; a resume keeps what its run started with."""
+    from jaxlm.peft import finetuning  # pylint: disable=import-outside-toplevel
+    recipe, base = "configs/csv_classification.py:runlocal", {"init_from": tiny_hf["bert"], "steps": "2"}
+    cases = [({}, {}, True), ({"classification.pooler": "false"}, {}, False),
+             ({}, {"finetune": {}, "classification": {"pooler": False}}, False),
+             ({}, {"finetune": {}, "classification": {"pooler": True}}, True)]
+    for overrides, saved, want in cases:
+        config = config_lib.load_recipe(recipe, {**base, **overrides})
+        assert config.classification.pooler is False  # the recipe's own value
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            finetuning.resolve_init_from(config, saved)
+        line = next(r.getMessage() for r in caplog.records if "fine-tuning defaults (init_from=" in r.getMessage())
+        assert config.classification.pooler is want, (overrides, saved, line)
+        if not overrides and not saved:
+            assert "classification.pooler=True (the source's pretrained pooler)" in line, line
+        if overrides:
+            assert "kept: " in line and "classification.pooler=False" in line.split("kept: ")[1], line
+
+
 def test_checkpoints_hold_adapters_and_head_and_a_resume_is_bitwise(lora_run):
     workdir, argv, first = lora_run
     tree = ocp.PyTreeCheckpointHandler().metadata(workdir / "checkpoints" / "3" / "state").tree

@@ -5,7 +5,8 @@
 A run that starts from a pretrained model (init_from: a Hugging Face directory or a jaxlm run)
 takes fine-tuning values instead of the recipe's from-scratch ones: the peak learning rate
 (finetune.learning_rate, or finetune.peft_learning_rate with LoRA), warmup as a fraction of the
-steps, weight decay on matrices only, and the source model's dropout (finetune.dropout=-1). A
+steps, weight decay on matrices only, the source model's dropout (finetune.dropout=-1) and, for a
+classifier, the source's pretrained pooler where it has one (classification.pooler). A
 field named in finetune.keep keeps its value: `jaxlm train` adds every field of its command line
 there, and a recipe lists its own fine-tuning values. One log line says what was chosen and kept.
 
@@ -34,7 +35,7 @@ def resolve_init_from(config: ml_collections.ConfigDict, saved: dict) -> Optiona
     source = pretrained.resolve_init_from(config)
     check_peft(config, source, saved)
     if source is not None:
-        apply_defaults(config, saved, recipe_dropout, source.path)
+        apply_defaults(config, saved, recipe_dropout, source)
     return source
 
 
@@ -76,7 +77,8 @@ def _validate(ft: ml_collections.ConfigDict) -> list[str]:
     return keep
 
 
-def apply_defaults(config: ml_collections.ConfigDict, saved: dict, recipe_dropout: float, source_path: str) -> None:
+def apply_defaults(config: ml_collections.ConfigDict, saved: dict, recipe_dropout: float,
+                   source: pretrained.PretrainedSource) -> None:
     ft = config.finetune
     keep = _validate(ft)
     if not ft.defaults:
@@ -112,5 +114,14 @@ def apply_defaults(config: ml_collections.ConfigDict, saved: dict, recipe_dropou
         choose("model.dropout", float(ft.dropout))
     else:
         chosen.append(f"model.dropout={config.model.dropout!r} (the source's)")
-    logging.info("fine-tuning defaults (init_from=%s is a pretrained model): %s%s", source_path, ", ".join(chosen),
+    if source.pooler and config.task == "classification":
+        # As transformers' BertForSequenceClassification does: the pretrained pooler, kept
+        # (6-class set, benchmarks/README.md: test accuracy 0.5024 -> 0.5220 with it). A resume
+        # keeps what its run started with: runs from before this default have no pooler.
+        if saved:
+            choose("classification.pooler", bool(saved.get("classification", {}).get("pooler", False)),
+                   " (as the run started)")
+        else:
+            choose("classification.pooler", True, " (the source's pretrained pooler)")
+    logging.info("fine-tuning defaults (init_from=%s is a pretrained model): %s%s", source.path, ", ".join(chosen),
                  f"; kept: {', '.join(kept)}" if kept else "")
