@@ -21,7 +21,7 @@ import sys
 import threading
 import types
 
-# tensorboard's hparams API first: its import is what touches TensorFlow's attributes.
+# Both, as clu imports both: the hparams API's own import reads tf.keras, which would load TensorFlow.
 DEFERRED = ("tensorboard.plugins.hparams.api", "tensorflow")
 _LOCK = threading.Lock()
 
