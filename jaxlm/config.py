@@ -144,7 +144,9 @@ FIELDS: dict[str, tuple[Any, str]] = {
                     "adapters whose ranks are pruned to a budget during training)"),
     "peft.rank": (8, "LoRA rank r of every adapter"),
     "peft.alpha": (8.0, "LoRA alpha: adapters add (alpha / rank) * A.B to their kernel"),
-    "peft.dropout": (0.0, "dropout on the adapters' input: only 0 (adapters are merged into the weights in the step)"),
+    "peft.dropout": (0.0, "dropout on the adapters' input in training, as peft's lora_dropout, in [0, 1): 0 merges the "
+                     "adapters into their kernels in the step; > 0 runs each beside its layer (attention and MLP "
+                     "kernels of the Transformer layers only); eval and export always merge"),
     "peft.targets": ("attn/(query|key|value|out)/kernel$", "regex (re.search) over '/'-joined param paths: the "
                      "kernels that get adapters, e.g. 'attn/(query|value)/kernel$' or add 'mlp/(wi|wo)/kernel$'"),
     "peft.trainable": ("^cls_head/", "regex over param paths: what trains in full besides the adapters (default: "

@@ -10,7 +10,9 @@ With peft (config.peft.method=lora) the state's params are the trainable tree of
 `jaxlm.peft.adapted.AdaptedParams` (adapters + params trained in full): the optimizer, its state,
 the gradients and the checkpoints cover only them. The frozen base lives beside the state
 (`Trainer.frozen`, from init_from on every start, fresh run or resume) and is merged in inside the
-jitted train and eval steps; `Trainer(config, mesh, init_source)` says where it comes from.
+jitted train and eval steps; `Trainer(config, mesh, init_source)` says where it comes from. With
+adapter dropout (peft.dropout > 0) the train step leaves the targets unmerged and the train model
+runs each adapter beside its layer (`AdaptedParams.train_variables`); eval merges as always.
 """
 
 from typing import Any, Optional
@@ -49,6 +51,8 @@ class Trainer(ShardedModel):
         self.adapted = adapted_lib.build(config, self.boxed_params, mesh, self.rules)
         self.init_source = init_source  # where the frozen base comes from (a pretrained.PretrainedSource)
         self._frozen = None
+        if self.adapted is not None and self.adapted.dropout:  # static: the train model's only
+            self.train_model = self.train_model.clone(lora_dropout=self.adapted.dropout)
         if self.adapted is None:
             trained, trained_shardings = self.abstract_params, self.param_shardings
         else:
@@ -131,12 +135,12 @@ class Trainer(ShardedModel):
         rng = jax.random.fold_in(jax.random.key(self.config.seed), state.step)
 
         def loss_sums(params, micro, micro_rng):
-            penalty = None
+            penalty, variables = None, {"params": params}
             if self.adapted is not None:
                 penalty = self.adapted.penalty(params)  # AdaLoRA's orthogonality term (LoRA: None)
-                params = self.adapted.merge(frozen, params)
+                variables = self.adapted.train_variables(frozen, params)  # merged, or the factors beside
             with nn.logical_axis_rules(self.rules):
-                loss_sum, weight = self.task.model_loss(self.train_model, {"params": params}, micro,
+                loss_sum, weight = self.task.model_loss(self.train_model, variables, micro,
                                                         rngs={"dropout": micro_rng},
                                                         loss_chunk_size=self.loss_chunk_size)
             if penalty is not None:  # weighted so that the mean loss gets + penalty

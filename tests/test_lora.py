@@ -8,7 +8,8 @@ each adapter is sharded as its base. Through the CLI on a tiny Hugging Face BERT
 defaults are logged and recorded in config.json; a LoRA run's checkpoints hold the adapters and
 head only and a resume is bitwise; user errors are one line. Where init_from is resolved: a
 command-line learning rate is kept, a from-scratch run and a run from before the defaults keep
-the recipe's values. The PEFT-format export and import on the real MiniLM: tests/test_lora_export.py.
+the recipe's values. The PEFT-format export and import on the real MiniLM: tests/test_lora_export.py;
+adapter dropout (peft.dropout > 0): tests/test_lora_dropout.py.
 """
 
 import json
@@ -314,7 +315,8 @@ def test_no_defaults_from_scratch_nor_for_a_run_from_before_them(tiny_hf):
 @pytest.mark.parametrize("flags, needles", [
     (["--config.init_from="], ["peft.method=lora adapts a pretrained model", "init_from"]),
     (["--config.peft.method=adalora", "--config.peft.target_r=20"], ["peft.target_r=20", "peft.init_r=12"]),
-    (["--config.peft.dropout=0.1"], ["peft.dropout=0.1", "not supported"]),
+    (["--config.peft.dropout=0.1", "--config.peft.targets=pooler/kernel", "--config.peft.trainable=classifier"],
+     ["peft.dropout=0.1", "peft.targets='pooler/kernel' picks cls_head/pooler/kernel", "or set peft.dropout=0"]),
     (["--config.peft.targets=mlp/nothing"], ["peft.targets='mlp/nothing' matches no kernel"]),
 ])
 def test_peft_user_errors_are_one_line(capsys, tmp_path, tiny_hf, flags, needles):

@@ -1,7 +1,8 @@
 """LoRA in the Hugging Face PEFT format (jaxlm/peft/hf_format.py, jaxlm/peft/export.py), on the real
-MiniLM: `export --adapters_only` loads with peft onto transformers'
-AutoModelForSequenceClassification with jaxlm's logits (1e-4), the merged export too; a LoRA made
-by peft imports (init_from=its directory) with peft's logits.
+MiniLM: `export --adapters_only` of a run with peft.dropout=0.1 writes lora_dropout 0.1 and loads
+with peft onto transformers' AutoModelForSequenceClassification with jaxlm's (eval-mode) logits
+(1e-4), the merged export too; a LoRA made by peft imports (init_from=its directory) with peft's
+logits.
 """
 
 import json
@@ -52,12 +53,12 @@ def jaxlm_logits(model, params, ids, mask):
 @pytest.fixture(scope="module")
 def minilm_lora_run(tmp_path_factory):
     """A LoRA run directory on the real MiniLM as `jaxlm train` leaves it, with random (nonzero)
-    adapters and head at step 1."""
+    adapters and head at step 1, trained with adapter dropout (peft.dropout=0.1)."""
     workdir = tmp_path_factory.mktemp("minilm_lora")
     config = config_lib.base_config()
     config.task, config.init_from = "classification", minilm_dir()
     config.classification.update(pooling="cls", pooler=True)
-    config.peft.update(method="lora", targets="attn/(query|value|out)/kernel$")
+    config.peft.update(method="lora", targets="attn/(query|value|out)/kernel$", dropout=0.1)
     source = pretrained.resolve_init_from(config)
     with config.data.ignore_type():
         config.data.update(num_labels=2, label_names=["negative", "positive"], label_kind="name")
@@ -84,6 +85,7 @@ def test_peft_export_loads_with_peft_onto_transformers_with_jaxlm_logits(minilm_
     with open(tmp_path / "adapters" / "adapter_config.json") as f:
         adapter_config = json.load(f)
     assert adapter_config["r"] == 8 and adapter_config["base_model_name_or_path"] == minilm_dir()
+    assert adapter_config["lora_dropout"] == 0.1  # the run's peft.dropout; eval-mode logits are unaffected
     assert adapter_config["modules_to_save"] == ["bert.pooler.dense", "classifier"]
     ids, mask = hf_inputs()
     opened = run_lib.open_run(workdir)

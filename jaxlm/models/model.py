@@ -23,9 +23,10 @@ class Model(nn.Module):
     pooler: bool = False
     deterministic: bool = True
     decode: bool = False
+    lora_dropout: float = 0.0  # adapter dropout (peft.dropout, the train model's only): see Transformer
 
     def setup(self):
-        self.body = Transformer(self.cfg, self.deterministic, self.decode, name="body")
+        self.body = Transformer(self.cfg, self.deterministic, self.decode, self.lora_dropout, name="body")
         if self.head == "lm":
             self.lm_head = LMHead(self.cfg, name="lm_head")
         elif self.head == "mlm":

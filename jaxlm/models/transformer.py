@@ -13,6 +13,10 @@ Parameter layout (the Hugging Face converters in `jaxlm/convert/` rely on it):
   layers/attn/out/kernel [heads, head_dim, embed]
   layers/mlp/{wi | wi_gate, wi_up}/kernel [embed, mlp]   layers/mlp/wo/kernel [mlp, embed]
   final_norm/{scale,bias}
+
+Training with adapter dropout (peft.dropout > 0) applies the model with a "lora" collection of
+adapter factors: the attention projections and MLP kernels then add their adapter branch
+(jaxlm/models/adapter_branch.py). Without that collection the layers are exactly the plain ones.
 """
 
 from typing import Any, Optional
@@ -21,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxlm.models import adapter_branch
 from jaxlm.models.config import ModelConfig
 # attention_mask is re-exported: tests/test_packing.py (and older callers) import it from here.
 from jaxlm.models.attention import attend, attention_mask, cached_attention, model_mask  # noqa: F401
@@ -132,12 +137,16 @@ class Projection(nn.Module):
     kernel_shape: tuple[int, ...]
     kernel_axes: tuple[str, ...]
     bias_shape: tuple[int, ...]
+    lora_dropout: float = 0.0  # on the adapter branch's input, when the "lora" collection has one
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.cfg
         kernel = self.param("kernel", normal_init(cfg, self.kernel_axes), self.kernel_shape, cfg.weight_dtype)
         y = matmul_einsum(cfg, self.equation, x, kernel)
+        extra = adapter_branch.branch(self, cfg, self.equation, x, self.lora_dropout)
+        if extra is not None:
+            y = y + extra
         if cfg.use_bias:
             bias_axes = self.kernel_axes[-len(self.bias_shape):]
             bias = self.param("bias", zeros_init(bias_axes), self.bias_shape, cfg.weight_dtype)
@@ -155,6 +164,7 @@ class Attention(nn.Module):
 
     cfg: ModelConfig
     decode: bool = False
+    lora_dropout: float = 0.0  # adapter dropout of the projections (Projection.lora_dropout)
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, mask: Optional[Array],
@@ -164,7 +174,7 @@ class Attention(nn.Module):
 
         def proj(name, n, axes):
             return Projection(cfg, "btd,dhk->bthk", (cfg.d_model, n, hd), ("embed",) + axes,
-                              (n, hd), name=name)(x)
+                              (n, hd), self.lora_dropout, name=name)(x)
 
         q = proj("query", heads, ("heads", "head_dim"))
         k = proj("key", kv_heads, ("kv_heads", "head_dim"))
@@ -184,7 +194,7 @@ class Attention(nn.Module):
             out = attend(cfg, q, k, v, mask, self.is_initializing())
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
         return Projection(cfg, "bthk,hkd->btd", (heads, hd, cfg.d_model), ("heads", "head_dim", "embed"),
-                          (cfg.d_model,), name="out")(out)
+                          (cfg.d_model,), self.lora_dropout, name="out")(out)
 
     def _update_cache(self, k: Array, v: Array, key_valid: Optional[Array]):
         """Writes k, v at cache_index; returns (keys, values, mask) over every slot, or None on
@@ -217,16 +227,18 @@ class Attention(nn.Module):
 
 class Mlp(nn.Module):
     cfg: ModelConfig
+    lora_dropout: float = 0.0  # adapter dropout of the kernels (adapter_branch.BranchDense)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.cfg
 
         def dense(name, features, in_axis, out_axis, inputs):
-            return nn.Dense(features, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
-                            dot_general=matmul_dot_general(cfg),
-                            param_dtype=cfg.weight_dtype, kernel_init=normal_init(cfg, (in_axis, out_axis)),
-                            bias_init=zeros_init((out_axis,)), name=name)(inputs)
+            # flax's Dense, plus an adapter branch when the "lora" collection holds one for it.
+            return adapter_branch.BranchDense(
+                features, use_bias=cfg.use_bias, dtype=cfg.compute_dtype, dot_general=matmul_dot_general(cfg),
+                param_dtype=cfg.weight_dtype, kernel_init=normal_init(cfg, (in_axis, out_axis)),
+                bias_init=zeros_init((out_axis,)), cfg=cfg, lora_dropout=self.lora_dropout, name=name)(inputs)
 
         if cfg.gated:
             act = nn.silu if cfg.activation == "swiglu" else (lambda z: nn.gelu(z, approximate=True))
@@ -246,14 +258,15 @@ class Block(nn.Module):
     cfg: ModelConfig
     deterministic: bool = True
     decode: bool = False
+    lora_dropout: float = 0.0  # adapter dropout (Transformer passes 0 when deterministic)
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, mask: Optional[Array],
                  key_valid: Optional[Array]):
         cfg = self.cfg
         drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
-        attn = Attention(cfg, decode=self.decode, name="attn")
-        mlp = Mlp(cfg, name="mlp")
+        attn = Attention(cfg, decode=self.decode, lora_dropout=self.lora_dropout, name="attn")
+        mlp = Mlp(cfg, lora_dropout=self.lora_dropout, name="mlp")
         attn_norm, mlp_norm = Norm(cfg, name="attn_norm"), Norm(cfg, name="mlp_norm")
         if cfg.norm_position == "pre":
             x = x + drop(attn(attn_norm(x), positions, mask, key_valid))
@@ -266,14 +279,19 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Embeddings → layers → final norm. Returns hidden states [batch, length, d_model]."""
+    """Embeddings → layers → final norm. Returns hidden states [batch, length, d_model].
+
+    lora_dropout: the dropout on adapter branches' input (adapter_branch.py), when the model is
+    applied with a "lora" collection and is not deterministic."""
 
     cfg: ModelConfig
     deterministic: bool = True
     decode: bool = False
+    lora_dropout: float = 0.0
 
     def setup(self):
         cfg = self.cfg
+        lora_dropout = 0.0 if self.deterministic else self.lora_dropout
         self.embed = Embedder(cfg, name="embed")
         block = Block
         if cfg.remat_policy != "none":
@@ -281,13 +299,13 @@ class Transformer(nn.Module):
                              prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
             self.layers = nn.scan(
-                block, variable_axes={"params": 0, "cache": 0},
+                block, variable_axes={"params": 0, "cache": 0, adapter_branch.COLLECTION: 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, self.deterministic, self.decode, name="layers")
+            )(cfg, self.deterministic, self.decode, lora_dropout, name="layers")
         else:
-            self.blocks = [block(cfg, self.deterministic, self.decode, name=f"layers_{i}")
+            self.blocks = [block(cfg, self.deterministic, self.decode, lora_dropout, name=f"layers_{i}")
                            for i in range(cfg.num_layers)]
         if cfg.norm_position == "pre":
             self.final_norm = Norm(cfg, name="final_norm")

@@ -144,6 +144,12 @@ class AdaLoRA:
                              adapter["lora_B"].astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
         return product * self.scale
 
+    def factors(self, adapter: dict, t: Target) -> tuple[jax.Array, jax.Array]:
+        """(P, (alpha/init_r)·diag(λ)·Q): λ and the scale folded into the right factor (a pruned
+        λ is exactly 0, as in `delta`), so gradients reach P, λ and Q."""
+        lam = adapter["lora_E"].astype(jnp.float32).reshape(t.lead_shape + (self.init_r,) + (1,) * len(t.out_shape))
+        return adapter["lora_A"], adapter["lora_B"].astype(jnp.float32) * lam * self.scale
+
     def describe(self) -> str:
         return (f"adalora (init_r {self.init_r} -> target_r {self.target_r}, alpha {self.alpha:g}, tinit {self.tinit}, "
                 f"tfinal {self.tfinal}, delta_t {self.delta_t}, orth_reg_weight {self.orth_reg_weight:g})")

@@ -6,12 +6,19 @@ and what stays frozen, with the shardings of both and the merge back into the mo
                                                             # TrainState.params, what checkpoints hold)
     adapted.frozen_abstract, adapted.frozen_shardings       # the rest of the model's params
     params = adapted.merge(frozen, trainable)               # the model's params, inside jit
+    variables = adapted.train_variables(frozen, trainable)  # what the train step applies the model to
 
 The trainable tree is {"adapters": {<base param path>: {"lora_A", "lora_B"}}, "params": {<the
 params trained in full, at their own paths>}} ("params" absent when nothing trains in full). The
 optimizer sees only this tree, so the frozen base has no gradient and no optimizer state. The
 merge (W + delta on each target, the trained params overlaid) runs inside the jitted step, so it
 works for scanned kernels with a leading layer axis and kernels with head axes alike.
+
+Adapter dropout (peft.dropout > 0, as Hugging Face peft's lora_dropout) drops out the adapter's
+own input, which a merged kernel does not have: the train step then leaves the targets unmerged
+and hands the model each target's factors in the "lora" collection
+(jaxlm/models/adapter_branch.py), so that the layer adds (dropout(x)·left)·right. Eval and
+everything after training merge as before (dropout is off there, so the function is the same).
 """
 
 from typing import Any, Callable, Optional
@@ -24,6 +31,7 @@ from jax.sharding import NamedSharding
 from jaxlm import sharding
 from jaxlm.compat import mesh_context
 from jaxlm.errors import UserError
+from jaxlm.models import adapter_branch
 from jaxlm.peft import targets as targets_lib
 from jaxlm.peft.adalora import AdaLoRA
 from jaxlm.peft.lora import LoRA
@@ -40,10 +48,8 @@ def enabled(config: ml_collections.ConfigDict) -> bool:
 def make_method(peft: ml_collections.ConfigDict):
     if peft.method not in METHODS:
         raise UserError(f"peft.method={peft.method!r}: choose none, lora or adalora")
-    if peft.dropout:
-        raise UserError(f"peft.dropout={peft.dropout}: adapter dropout is not supported (jaxlm merges the adapters "
-                        "into the weights inside the step, so they have no input of their own to drop out); "
-                        "set peft.dropout=0 and use model.dropout")
+    if not 0 <= peft.dropout < 1:
+        raise UserError(f"peft.dropout={peft.dropout}: must be in [0, 1)")
     if peft.method == "adalora":
         return AdaLoRA(peft)
     return METHODS[peft.method](peft.rank, peft.alpha)
@@ -51,8 +57,9 @@ def make_method(peft: ml_collections.ConfigDict):
 
 class AdaptedParams:
     def __init__(self, method, targets: list[Target], trainable: list[Path], boxed_params: Any,
-                 mesh: jax.sharding.Mesh, rules):
+                 mesh: jax.sharding.Mesh, rules, dropout: float = 0.0):
         self.method, self.targets, self.trainable_paths = method, targets, trainable
+        self.dropout = float(dropout)  # on the adapters' input in training (0: merged there too)
         full = nn.unbox(boxed_params)
         full_shardings = sharding.param_shardings(boxed_params, mesh, rules)
         flat = flatten(full)
@@ -102,6 +109,21 @@ class AdaptedParams:
             flat[t.path] = base + self.method.delta(adapter, t).astype(base.dtype)
         return unflatten(flat)
 
+    def train_variables(self, frozen: Any, trainable: dict) -> dict:
+        """The train model's variables: {"params": merge(...)} without adapter dropout; with it, the
+        params with the targets left as their base and the "lora" collection of factors, placed at
+        the module that owns each kernel (scanned layers keep their leading layers axis)."""
+        if not self.dropout:
+            return {"params": self.merge(frozen, trainable)}
+        flat = flatten(frozen)
+        flat.update(flatten(trainable.get("params", {})))
+        adapters, factors = flatten(trainable["adapters"]), {}
+        for t in self.targets:
+            adapter = {p[-1]: v for p, v in adapters.items() if p[:-1] == t.path}
+            left, right = self.method.factors(adapter, t)
+            factors[t.path[:-1] + ("left",)], factors[t.path[:-1] + ("right",)] = left, right
+        return {"params": unflatten(flat), adapter_branch.COLLECTION: unflatten(factors)}
+
     def penalty(self, trainable: dict) -> Optional[Any]:
         """The method's regulariser on the adapters (AdaLoRA's orthogonality term), None if it has none."""
         if not hasattr(self.method, "penalty"):
@@ -133,7 +155,15 @@ def build(config: ml_collections.ConfigDict, boxed_params: Any, mesh: jax.shardi
         return None
     method = make_method(config.peft)
     targets, trainable = targets_lib.select(boxed_params, config.peft.targets, config.peft.trainable)
-    return AdaptedParams(method, targets, trainable, boxed_params, mesh, rules)
+    if config.peft.dropout:
+        unmerged = [t for t in targets if not adapter_branch.takes_branch(t.path[:-1])]
+        if unmerged:
+            raise UserError(
+                f"peft.dropout={config.peft.dropout} runs each adapter beside its kernel, which jaxlm's model does for "
+                f"the Transformer layers' attention (query, key, value, out) and MLP kernels only; "
+                f"peft.targets={config.peft.targets!r} picks {targets_lib.path_str(unmerged[0].path)}: narrow "
+                f"peft.targets to those (e.g. attn/(query|value)/kernel$) or set peft.dropout=0")
+    return AdaptedParams(method, targets, trainable, boxed_params, mesh, rules, float(config.peft.dropout))
 
 
 def place_frozen(adapted: AdaptedParams, init_params: Callable[[jax.Array], Any], seed: int, loaded: dict,

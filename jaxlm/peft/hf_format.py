@@ -3,16 +3,18 @@
     write_adapters(out_dir, cfg, family, adapted, trained, base_model, task_type, total_step)  # export
     params = apply_adapters(params, abstract, base_dir, adapter_dir)                          # import (merged)
 
-The directory holds adapter_config.json (peft's LoraConfig: r, lora_alpha, target_modules,
-modules_to_save, ...; or its AdaLoraConfig: init_r, target_r, tinit, tfinal, deltaT, beta1, beta2,
-orth_reg_weight, total_step, rank_pattern, ...) and adapter_model.safetensors, named as peft saves
-them: LoRA `base_model.model.<module>.lora_A.weight` [r, in], `...lora_B.weight` [out, r];
-AdaLoRA `base_model.model.<module>.lora_A` [k, in] (P), `.lora_E` [k, 1] (λ), `.lora_B` [out, k]
-(Q) with the k triplets its rank_pattern keeps; and each module trained in full under its own
-tensor names (`base_model.model.classifier.weight`, `base_model.model.bert.pooler.dense.bias`),
-which peft loads as modules_to_save. Module names come from the family tables of jaxlm/convert
-(the same ones model export uses); only layer kernels that the family maps to a plain Linear can
-carry an adapter in this layout (not GPT-2's fused c_attn).
+The directory holds adapter_config.json (peft's LoraConfig: r, lora_alpha, lora_dropout (the run's
+peft.dropout), target_modules, modules_to_save, ...; or its AdaLoraConfig: init_r, target_r, tinit,
+tfinal, deltaT, beta1, beta2, orth_reg_weight, total_step, rank_pattern, ...) and
+adapter_model.safetensors, named as peft saves them: LoRA `base_model.model.<module>.lora_A.weight`
+[r, in], `...lora_B.weight` [out, r]; AdaLoRA `base_model.model.<module>.lora_A` [k, in] (P),
+`.lora_E` [k, 1] (λ), `.lora_B` [out, k] (Q) with the k triplets its rank_pattern keeps; and each
+module trained in full under its own tensor names (`base_model.model.classifier.weight`,
+`base_model.model.bert.pooler.dense.bias`), which peft loads as modules_to_save. Module names come
+from the family tables of jaxlm/convert (the same ones model export uses); only layer kernels that
+the family maps to a plain Linear can carry an adapter in this layout (not GPT-2's fused c_attn).
+Importing merges the adapters into the base and sets no peft.* field, so the directory's
+lora_dropout (a training setting) is not used.
 """
 
 import json
@@ -181,7 +183,8 @@ def write_adapters(out_dir: str, cfg: ModelConfig, family: str, adapted: Any, tr
     full, saved_modules = _full_tensors(cfg, family, trained)
     tensors.update(full)
     config = {
-        "task_type": task_type, "base_model_name_or_path": base_model or None, "lora_dropout": 0.0,
+        "task_type": task_type, "base_model_name_or_path": base_model or None,
+        "lora_dropout": adapted.dropout,  # peft.dropout: what training with it used
         "target_modules": sorted(modules), "modules_to_save": sorted(saved_modules) or None,
         "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
         "use_rslora": False, "use_dora": False, "alpha_pattern": {},

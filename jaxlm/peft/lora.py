@@ -10,6 +10,8 @@ The interface an adapter method implements (AdaLoRA adds its own next to this on
     arrays(target)         {name: (shape, logical axes)} of one kernel's adapter
     init(rng, targets, dtypes) -> [{name: array}] for all targets at once
     delta(adapter, target) -> the update of W, shaped as W
+    factors(adapter, target) -> (left [*lead, *I, r], right [*lead, r, *O]): delta = left·right,
+                           for the unmerged branch of adapter dropout (jaxlm/models/adapter_branch.py)
     describe()             one phrase for the log
 Array names follow Hugging Face peft's (lora_A, lora_B) so that its files map one to one.
 """
@@ -64,6 +66,11 @@ class LoRA:
         product = jnp.einsum(equation, adapter["lora_A"].astype(jnp.float32), adapter["lora_B"].astype(jnp.float32),
                              precision=jax.lax.Precision.HIGHEST)
         return product * self.scale
+
+    def factors(self, adapter: dict, t: Target) -> tuple[jax.Array, jax.Array]:
+        """(A, (alpha/r)·B): the scale folded into the right factor."""
+        del t
+        return adapter["lora_A"], adapter["lora_B"].astype(jnp.float32) * self.scale
 
     def describe(self) -> str:
         return f"lora (rank {self.rank}, alpha {self.alpha:g}, scale {self.scale:g})"
