@@ -97,7 +97,11 @@ class Checkpointer:
         and nothing is changed on disk.
         """
         failed: list[tuple[int, str]] = []
-        for step in sorted(self.all_steps(), reverse=True):
+        steps = sorted(self.all_steps(), reverse=True)
+        if steps:
+            # Before the first attempt: a failed restore's reads can end before its error reaches here.
+            _quiet_abandoned_reads(self.directory)
+        for step in steps:
             state, cause = None, ""
             try:
                 state = self.restore(step, abstract_state, data_iter)
@@ -105,7 +109,6 @@ class Checkpointer:
                 raise
             except Exception as e:  # pylint: disable=broad-except  # Whatever the storage stack raises.
                 cause = short_cause(e)
-                _quiet_abandoned_reads(self.directory)
             if not _on_every_process(not cause):
                 failed.append((step, cause or "unreadable on another process"))
                 del state
@@ -173,7 +176,7 @@ class Checkpointer:
         self.manager.close()
 
 
-_FAILED_RESTORES: set[str] = set()  # Checkpoint directories whose restore failed in this process.
+_RESTORE_DIRECTORIES: set[str] = set()  # Checkpoint directories restored from (or tried) in this process.
 _LAST_ABANDONED = [0.0]  # time.monotonic() of the latest report of an abandoned read.
 
 
@@ -184,8 +187,10 @@ def _quiet_abandoned_reads(directory: epath.Path) -> None:
     error nobody took. Python reports each as a traceback ("Exception ignored in …", or a bare
     one through sys.excepthook) or an asyncio ERROR on the console, even after the next restore
     succeeded. Those go to the log file only; any other exception or asyncio error is shown as
-    before. Installed at the first failure, for the rest of the process."""
-    _FAILED_RESTORES.add(os.fspath(directory))
+    before. Installed before a resume's first restore attempt, for the rest of the process: orbax
+    closes its loop as the restore fails, and a read can end in it before the error reaches the
+    caller (a bare traceback was seen so, once the hook was only installed after the failure)."""
+    _RESTORE_DIRECTORIES.add(os.fspath(directory))
     previous = sys.unraisablehook
     if getattr(previous, "jaxlm_abandoned_reads", False):
         return
@@ -239,7 +244,7 @@ def _demote_abandoned_tasks(record: std_logging.LogRecord) -> bool:
         return True
     error = record.exc_info[1] if record.exc_info else None
     raised_in = [frame.filename for frame in traceback.extract_tb(error.__traceback__)] if error else []
-    if (any(directory in message for directory in _FAILED_RESTORES) or _in_storage_stack(message)
+    if (any(directory in message for directory in _RESTORE_DIRECTORIES) or _in_storage_stack(message)
             or any(map(_in_storage_stack, raised_in))):
         record.levelno, record.levelname, record.jaxlm_log_only = std_logging.INFO, "INFO", True
         _LAST_ABANDONED[0] = time.monotonic()

@@ -291,3 +291,27 @@ def test_a_closed_loop_traceback_of_a_failed_restore_goes_to_the_log_only(tmp_pa
     other = RuntimeError("a real bug")
     sys.excepthook(RuntimeError, other, None)
     assert capsys.readouterr().err.strip().splitlines()[-1] == "RuntimeError: a real bug"
+
+
+def test_the_closed_loop_filter_is_in_place_before_the_first_restore_attempt(tmp_path, monkeypatch, capsys):
+    """orbax closes its loop as a restore fails, and a read may end in it before the error reaches
+    restore_latest: the filter must already be installed when the first attempt starts (it was
+    installed after the failure, and a bare traceback reached the console once)."""
+    from jaxlm import checkpoint  # pylint: disable=import-outside-toplevel
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
+    ckpt = checkpoint.Checkpointer(str(tmp_path), asynchronous=False, with_data=False)
+    state = {"w": np.arange(4, dtype=np.float32)}
+    ckpt.manager.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+    ckpt.manager.wait_until_finished()
+
+    def failing_restore(step, abstract_state, data_iter=None):
+        # What tensorstore does from its thread as the failed restore's loop closes.
+        sys.excepthook(RuntimeError, RuntimeError("Event loop is closed"), None)
+        raise ValueError("NOT_FOUND: a missing array")
+
+    monkeypatch.setattr(ckpt, "restore", failing_restore)
+    with pytest.raises(UserError, match="no checkpoint can be read"):
+        ckpt.restore_latest({"w": jax.ShapeDtypeStruct((4,), np.float32)})
+    assert capsys.readouterr().err == ""
+    ckpt.close()

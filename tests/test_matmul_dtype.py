@@ -106,9 +106,16 @@ def test_models_with_bf16_matmuls_follow_float32(cfg, head):
     assert float(jnp.max(jnp.abs(logits16 - logits32))) < 0.03 * scale
     assert float(jnp.max(jnp.abs(logits16 - logits32))) > 0  # bf16 did happen.
     assert abs(float(loss16) - float(loss32)) < 0.01 * abs(float(loss32))
-    for g16, g32 in zip(jax.tree.leaves(grads16), jax.tree.leaves(grads32)):
+    top = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads32))
+    for (path, g16), g32 in zip(jax.tree_util.tree_leaves_with_path(grads16), jax.tree.leaves(grads32)):
         assert g16.dtype == jnp.float32
-        assert float(jnp.max(jnp.abs(g16 - g32))) <= 0.05 * float(jnp.max(jnp.abs(g32))) + 1e-6
+        error = float(jnp.max(jnp.abs(g16 - g32)))
+        if "'key']['bias']" in jax.tree_util.keystr(path):
+            # Softmax ignores a constant per query, so the key bias's true gradient is 0: float32
+            # leaves rounding noise, bf16 attention matmuls a larger one, both far below the rest.
+            assert float(jnp.max(jnp.abs(g32))) < 1e-6 * top and error < 1e-3 * top, (error, top)
+            continue
+        assert error <= 0.05 * float(jnp.max(jnp.abs(g32))) + 1e-6, jax.tree_util.keystr(path)
 
 
 def test_a_bad_matmul_dtype_is_named():
