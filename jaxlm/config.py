@@ -72,8 +72,7 @@ FIELDS: dict[str, tuple[Any, str]] = {
                                             "('' = model.dtype; bfloat16 with dtype float32: bf16 matmuls only)"),
     "model.scan_layers": (_M.scan_layers, "nn.scan over layers: compile time independent of depth"),
     "model.remat_policy": (_M.remat_policy, "none | full | dots | dots_no_batch"),
-    "model.attention_impl": (_M.attention_impl, "auto (TPU: splash, GPU: cudnn, else xla; xla on a CPU runs "
-                             "head-major) | xla | cudnn | splash"),
+    "model.attention_impl": (_M.attention_impl, "auto (TPU: splash, GPU: cudnn, else xla) | xla | cudnn | splash"),
     "model.init_std": (_M.init_std, "stddev of the normal initializer"),
 
     "optim.name": ("adamw", "adamw | adafactor | lion | sgd"),

@@ -1,9 +1,8 @@
 """Attention kernels: which implementation runs (`model.attention_impl`), its masks, and the
 Pallas splash kernel on TPU.
 
-* `xla`: jax.nn.dot_product_attention's XLA path (a dense [B, 1, T, T] mask for padding or
-  packed documents). On a CPU the same attention is written head-major (`head_major_attention`),
-  which XLA:CPU runs faster.
+* `xla`: jax.nn.dot_product_attention's XLA path (any backend; a dense [B, 1, T, T] mask for
+  padding or packed documents).
 * `cudnn`: the same call with cuDNN's fused flash attention (GPU; bf16/fp16, head_dim a
   multiple of 8 up to 128).
 * `splash`: `jax.experimental.pallas.ops.tpu.splash_attention` (TPU only). The kernel is built
@@ -29,7 +28,6 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxlm.errors import UserError
-from jaxlm.models.matmul import mixed_einsum
 
 Array = jax.Array
 
@@ -154,50 +152,11 @@ def attend(cfg, q: Array, k: Array, v: Array, mask, initializing: bool = False) 
     if impl == "splash":
         return splash_attention(q, k, v, None if mask is None else mask.ids, causal=cfg.causal,
                                 interpret=current_platform() != "tpu")
-    if impl == "xla" and current_platform() == "cpu":
-        return head_major_attention(cfg, q, k, v, mask)
     # cudnn takes an arbitrary boolean mask (padding, or per-document segments) by turning
     # it into a dense additive bias [B, 1, T, T]: correct, but it costs O(T^2) memory per
     # example and the causal half is no longer skipped.
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=cfg.causal and mask is None,
                                         implementation=impl)
-
-
-def head_major_attention(cfg, q: Array, k: Array, v: Array, mask: Optional[Array]) -> Array:
-    """jax.nn.dot_product_attention's XLA math (1/sqrt(D) scale, float32 logits and softmax), laid
-    out for XLA:CPU: q, k, v go head-major before the two batched matmuls, so the [T, S] logits
-    are never transposed; q is scaled instead of the logits, and the softmax's division is
-    applied to the [T, D] output, not to the [T, S] probabilities. Forward and backward together
-    ran 1.4-1.5x faster than jax's layout at batch 16, 256 tokens, 6 heads of 64 (fp32; the
-    results agree to float32 rounding). With model.matmul_dtype both matmuls take it too.
-
-    q [B, T, heads, D], k, v [B, S, kv_heads, D]; mask [B, 1, T, S] (None: causal or none, by
-    cfg.causal)."""
-    batch, length, heads, dim = q.shape
-    kv_heads, keys = k.shape[2], k.shape[1]
-    q = (q * jnp.asarray(dim ** -0.5, q.dtype)).reshape(batch, length, kv_heads, heads // kv_heads, dim)
-    q = jnp.transpose(q, (0, 2, 3, 1, 4))  # [B, kv_heads, groups, T, D]
-    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, kv_heads, S, D]
-    mixed = cfg.matmul_input_dtype != cfg.compute_dtype
-    if mixed:
-        logits = mixed_einsum("bkgtd,bksd->bkgts", q, k, cfg.matmul_input_dtype, jnp.float32)
-    else:
-        logits = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
-    if mask is None and cfg.causal:
-        mask = jnp.tril(jnp.ones((length, keys), jnp.bool_))
-    if mask is not None:
-        mask = mask[:, :, None] if mask.ndim == 4 else mask  # [B, 1, T, S] -> [B, 1, 1, T, S]
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    # The max only steadies exp: its gradient cancels, so it is kept out of the backward pass.
-    peak = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-    weights = jnp.exp(logits - peak)
-    total = jnp.sum(weights, axis=-1, keepdims=True)
-    if mixed:
-        out = mixed_einsum("bkgts,bksd->bkgtd", weights, v, cfg.matmul_input_dtype, cfg.compute_dtype)
-    else:
-        out = jnp.einsum("bkgts,bksd->bkgtd", weights.astype(v.dtype), v)
-    out = out * (1.0 / total).astype(out.dtype)
-    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(batch, length, heads, dim)
 
 
 def cached_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
