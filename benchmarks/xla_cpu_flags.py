@@ -21,6 +21,13 @@ FLAG_SETS = {
     "xnnpack": "--xla_cpu_use_xnnpack=true",
     "xnn_graph_fusion": "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
     "fast_math": "--xla_cpu_enable_fast_math=true",
+    # AVX-512 hosts: LLVM's loops at 512-bit vectors (XLA's default prefers 256).
+    "vector_512": "--xla_cpu_prefer_vector_width=512",
+    "concurrency_scheduler": "--xla_cpu_enable_concurrency_optimized_scheduler=true",
+    # YNNPACK (jaxlib 0.10's default dot library on x86) for dots only, or for elementwise and reductions too.
+    "ynn_dot_only": "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+    "ynn_dot_eltwise_reduce": "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT,"
+                              "LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE",
 }
 
 
