@@ -100,11 +100,8 @@ class AdaptedParams:
 
     def merge(self, frozen: Any, trainable: dict) -> dict:
         """The model's params: the frozen ones, the trained ones overlaid, each target plus its delta."""
-        flat = flatten(frozen)
-        flat.update(flatten(trainable.get("params", {})))
-        adapters = flatten(trainable["adapters"])
-        for t in self.targets:
-            adapter = {p[-1]: v for p, v in adapters.items() if p[:-1] == t.path}
+        flat = self._overlaid(frozen, trainable)
+        for t, adapter in self._per_target(trainable):
             base = flat[t.path]
             flat[t.path] = base + self.method.delta(adapter, t).astype(base.dtype)
         return unflatten(flat)
@@ -115,14 +112,24 @@ class AdaptedParams:
         the module that owns each kernel (scanned layers keep their leading layers axis)."""
         if not self.dropout:
             return {"params": self.merge(frozen, trainable)}
-        flat = flatten(frozen)
-        flat.update(flatten(trainable.get("params", {})))
-        adapters, factors = flatten(trainable["adapters"]), {}
-        for t in self.targets:
-            adapter = {p[-1]: v for p, v in adapters.items() if p[:-1] == t.path}
+        factors = {}
+        for t, adapter in self._per_target(trainable):
             left, right = self.method.factors(adapter, t)
             factors[t.path[:-1] + ("left",)], factors[t.path[:-1] + ("right",)] = left, right
-        return {"params": unflatten(flat), adapter_branch.COLLECTION: unflatten(factors)}
+        return {"params": unflatten(self._overlaid(frozen, trainable)), adapter_branch.COLLECTION: unflatten(factors)}
+
+    @staticmethod
+    def _overlaid(frozen: Any, trainable: dict) -> dict:
+        """{path: array} of the model's params before any adapter: the frozen ones, the trained ones over them."""
+        flat = flatten(frozen)
+        flat.update(flatten(trainable.get("params", {})))
+        return flat
+
+    def _per_target(self, trainable: dict):
+        """(target, {array name: array}) of each adapted kernel."""
+        adapters = flatten(trainable["adapters"])
+        for t in self.targets:
+            yield t, {p[-1]: v for p, v in adapters.items() if p[:-1] == t.path}
 
     def penalty(self, trainable: dict) -> Optional[Any]:
         """The method's regulariser on the adapters (AdaLoRA's orthogonality term), None if it has none."""
