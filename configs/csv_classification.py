@@ -14,10 +14,11 @@ run's own BPE tokenizer; or fine-tune a pretrained model with --config.init_from
 With init_from the run takes fine-tuning defaults instead of this recipe's from-scratch optimizer
 values (which suit the small encoder below): peak learning rate finetune.learning_rate (5e-5;
 finetune.peft_learning_rate, 5e-4, with LoRA), warmup over finetune.warmup_fraction (10%) of the
-steps, weight decay 0.01 on matrices only, the source model's dropout, and the source's pretrained
-pooler (classification.pooler) where it has one, as BertForSequenceClassification. A field given on the
-command line (e.g. --config.optim.learning_rate=1e-4) keeps its value; the log says which values
-were chosen ("fine-tuning defaults (init_from=...): optim.learning_rate=5e-05, ...").
+steps, weight decay 0.01 on matrices only, the source model's dropout (hidden and attention), and
+the source's pretrained pooler (classification.pooler) where it has one, as
+BertForSequenceClassification. A field given on the command line (e.g.
+--config.optim.learning_rate=1e-4) keeps its value; the log says which values were chosen
+("fine-tuning defaults (init_from=...): optim.learning_rate=5e-05, ...").
 
 Without data.eval_file a fixed random 10% of the rows is held out. The label names are stored
 with the prepared data and in DIR/config.json (data.label_names); eval/precision, eval/recall

@@ -66,6 +66,8 @@ FIELDS: dict[str, tuple[Any, str]] = {
     "model.embed_norm": (_M.embed_norm, "a norm right after the embeddings (BERT)"),
     "model.causal": (_M.causal, "causal (decoder) or bidirectional (encoder) attention"),
     "model.dropout": (_M.dropout, "dropout on embeddings and residual branches"),
+    "model.attention_dropout": (_M.attention_dropout, "dropout on attention probabilities in training (>0: "
+                                "the train step's attention runs on the explicit XLA path, not cuDNN/splash)"),
     "model.dtype": (_M.dtype, "compute dtype: float32 | bfloat16 | float16"),
     "model.param_dtype": (_M.param_dtype, "parameter dtype (keep float32)"),
     "model.matmul_dtype": (_M.matmul_dtype, "dtype of the matmuls' inputs, results in model.dtype "
@@ -128,14 +130,15 @@ FIELDS: dict[str, tuple[Any, str]] = {
     # Fine-tuning defaults (jaxlm/peft/finetuning.py): a run with init_from takes these instead of the
     # recipe's from-scratch values, except for the fields named in finetune.keep.
     "finetune.defaults": (True, "with init_from: optim.learning_rate, optim.warmup_steps, optim.weight_decay "
-                          "(never on norms, biases, embeddings) and model.dropout take the finetune.* values, and a "
+                          "(never on norms, biases, embeddings), model.dropout and model.attention_dropout take the finetune.* values, and a "
                           "classifier uses the source's pretrained pooler if it has one "
                           "(false: the recipe's, and the source's dropout)"),
     "finetune.learning_rate": (5e-5, "peak learning rate of full fine-tuning"),
     "finetune.peft_learning_rate": (5e-4, "peak learning rate with peft.method=lora or adalora (adapters want a higher rate)"),
     "finetune.warmup_fraction": (0.1, "warmup as a fraction of steps"),
     "finetune.weight_decay": (0.01, "decoupled weight decay of the matrices"),
-    "finetune.dropout": (-1.0, "model.dropout (-1: the source model's, e.g. a BERT's hidden_dropout_prob)"),
+    "finetune.dropout": (-1.0, "model.dropout and model.attention_dropout (-1: the source model's, e.g. a BERT's "
+                         "hidden_dropout_prob and attention_probs_dropout_prob)"),
     "finetune.keep": ("", "comma-separated fields the fine-tuning defaults leave as they are (a recipe's own "
                       "fine-tuning values); jaxlm train adds every --config.* field of its command line"),
 

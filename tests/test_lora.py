@@ -237,12 +237,13 @@ def test_fine_tuning_defaults_are_logged_and_recorded(lora_run):
     workdir, _, _ = lora_run
     line = defaults_line(workdir)
     for part in ("optim.learning_rate=0.0005 (lora)", "optim.warmup_steps=1 (0.1 of 6 steps)",
-                 "optim.weight_decay=0.01", "model.dropout=0.1 (the source's)"):
+                 "optim.weight_decay=0.01", "model.dropout=0.1 (the source's)",
+                 "model.attention_dropout=0.1 (the source's)"):
         assert part in line, line
     with open(os.path.join(workdir, "config.json")) as f:
         saved = json.load(f)
-    assert (saved["optim"]["learning_rate"], saved["optim"]["warmup_steps"], saved["model"]["dropout"]) == (
-        5e-4, 1, 0.1)  # the recipe's runlocal values are 3e-3, 10 and the source's 0.1
+    assert (saved["optim"]["learning_rate"], saved["optim"]["warmup_steps"], saved["model"]["dropout"],
+            saved["model"]["attention_dropout"]) == (5e-4, 1, 0.1, 0.1)  # the recipe's runlocal values are 3e-3, 10
     assert saved["peft"]["method"] == "lora" and saved["finetune"]["defaults"] is True
 
 
@@ -258,6 +259,29 @@ def test_a_learning_rate_given_on_the_command_line_is_kept(caplog, tiny_hf):
     assert "optim.warmup_steps=0 (0.1 of 2 steps)" in chosen, line
     saved = json.loads(config_lib.to_json(config))  # what DIR/config.json records
     assert saved["optim"]["learning_rate"] == 0.001 and "optim.learning_rate" in saved["finetune"]["keep"].split(",")
+
+
+def test_finetune_dropout_sets_both_dropouts_and_an_older_run_resumes_without_attention_dropout(caplog, tiny_hf):
+    from jaxlm.peft import finetuning  # pylint: disable=import-outside-toplevel
+    recipe, base = "configs/csv_classification.py:runlocal", {"init_from": tiny_hf["bert"], "steps": "2"}
+    cases = [  # (overrides, saved config.json, (model.dropout, model.attention_dropout), expected log part)
+        ({}, {}, (0.1, 0.1), "model.attention_dropout=0.1 (the source's)"),
+        ({"finetune.dropout": "0.0"}, {}, (0.0, 0.0), "model.attention_dropout=0.0"),
+        ({"model.attention_dropout": "0.05"}, {}, (0.1, 0.05), "kept: model.attention_dropout=0.05"),
+        ({}, {"finetune": {}, "model": {"dropout": 0.1}}, (0.1, 0.0), "model.attention_dropout=0.0 (as the run started)"),
+        ({}, {"finetune": {}, "model": {"dropout": 0.1, "attention_dropout": 0.1}}, (0.1, 0.1), "(the source's)"),
+    ]
+    for overrides, saved, want, part in cases:
+        config = config_lib.load_recipe(recipe, {**base, **overrides})
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            finetuning.resolve_init_from(config, saved)
+        line = next(r.getMessage() for r in caplog.records if "fine-tuning defaults (init_from=" in r.getMessage())
+        assert (config.model.dropout, config.model.attention_dropout) == want, (overrides, saved, line)
+        assert part in line, (overrides, line)
+    old = config_lib.load_recipe(recipe, base)  # a run from before the fine-tuning defaults, too
+    finetuning.resolve_init_from(old, {"task": "classification", "model": {"dropout": 0.1}})
+    assert old.model.attention_dropout == 0.0
 
 
 def test_a_classifier_takes_the_sources_pretrained_pooler_unless_told_or_resumed_without(caplog, tiny_hf):

@@ -146,6 +146,7 @@ def bert_config_from_hf(c: dict, where: str) -> ModelConfig:
         positions="learned", max_len=c.get("max_position_embeddings", 512), tie_embeddings=True,
         use_bias=True, type_vocab_size=c.get("type_vocab_size", 2), embed_norm=True, causal=False,
         dropout=float(c.get("hidden_dropout_prob", 0.0) or 0.0),
+        attention_dropout=float(c.get("attention_probs_dropout_prob", 0.0) or 0.0),
         init_std=c.get("initializer_range", 0.02))
 
 
@@ -154,7 +155,7 @@ def bert_config_to_hf(cfg: ModelConfig) -> dict:
         "model_type": "bert", "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
         "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
         "intermediate_size": cfg.d_ff, "hidden_act": EXPORT_ACTIVATIONS[cfg.activation],
-        "hidden_dropout_prob": cfg.dropout, "attention_probs_dropout_prob": cfg.dropout,
+        "hidden_dropout_prob": cfg.dropout, "attention_probs_dropout_prob": cfg.attention_dropout,
         "max_position_embeddings": cfg.max_len, "type_vocab_size": max(cfg.type_vocab_size, 1),
         "layer_norm_eps": cfg.norm_eps, "position_embedding_type": "absolute",
         "initializer_range": cfg.init_std, "tie_word_embeddings": True, "is_decoder": False,
@@ -208,7 +209,8 @@ def gpt2_config_from_hf(c: dict, where: str) -> ModelConfig:
         norm="layernorm", norm_eps=c.get("layer_norm_epsilon", 1e-5), norm_position="pre",
         positions="learned", max_len=c.get("n_positions", 1024),
         tie_embeddings=bool(c.get("tie_word_embeddings", True)), use_bias=True, causal=True,
-        dropout=float(c.get("resid_pdrop", 0.0) or 0.0), init_std=c.get("initializer_range", 0.02))
+        dropout=float(c.get("resid_pdrop", 0.0) or 0.0), attention_dropout=float(c.get("attn_pdrop", 0.0) or 0.0),
+        init_std=c.get("initializer_range", 0.02))
 
 
 def gpt2_config_to_hf(cfg: ModelConfig) -> dict:
@@ -216,7 +218,7 @@ def gpt2_config_to_hf(cfg: ModelConfig) -> dict:
         "model_type": "gpt2", "vocab_size": cfg.vocab_size, "n_positions": cfg.max_len,
         "n_embd": cfg.d_model, "n_layer": cfg.num_layers, "n_head": cfg.num_heads, "n_inner": cfg.d_ff,
         "activation_function": EXPORT_ACTIVATIONS[cfg.activation], "layer_norm_epsilon": cfg.norm_eps,
-        "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
+        "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.attention_dropout,
         "initializer_range": cfg.init_std, "tie_word_embeddings": cfg.tie_embeddings,
         "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False,
@@ -286,7 +288,7 @@ def llama_config_from_hf(c: dict, where: str, model_type: str) -> ModelConfig:
         norm="rmsnorm", norm_eps=c.get("rms_norm_eps", 1e-6), norm_position="pre", positions="rope",
         max_len=max_len, rope_theta=float(theta),
         tie_embeddings=bool(c.get("tie_word_embeddings", False)), use_bias=qkv_b or o_b or mlp_b,
-        causal=True, dropout=float(c.get("attention_dropout", 0.0) or 0.0),
+        causal=True, attention_dropout=float(c.get("attention_dropout", 0.0) or 0.0),  # Llama's only dropout
         init_std=c.get("initializer_range", 0.02))
 
 
@@ -300,7 +302,7 @@ def llama_config_to_hf(cfg: ModelConfig) -> dict:
         "rope_theta": cfg.rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "rope_scaling": None, "attention_bias": cfg.use_bias, "mlp_bias": cfg.use_bias,
-        "attention_dropout": cfg.dropout, "initializer_range": cfg.init_std,
+        "attention_dropout": cfg.attention_dropout, "initializer_range": cfg.init_std,
         "tie_word_embeddings": cfg.tie_embeddings,
     }
 

@@ -14,6 +14,10 @@ Pallas splash kernel on TPU.
   The platform is the current mesh's devices' (so `jaxlm aot` on a CPU host picks what a TPU
   would), else jax's default backend.
 
+Training with model.attention_dropout > 0 takes `dropout_attention` (the explicit softmax with
+dropout on the probabilities, as BERT's and GPT-2's attention_probs/attn_pdrop): neither jax's
+fused call nor splash has dropout. Eval and decoding are deterministic and keep the choice above.
+
 JAXLM_SPLASH_INTERPRET=1 runs `splash` on any backend in Pallas' interpreter (slow: for checking
 the TPU path's numerics on a CPU, as the tests do).
 """
@@ -94,11 +98,17 @@ def choose_impl(impl: str, platform: str, dtype, head_dim: int) -> str:
     return impl
 
 
-def resolve(cfg, initializing: bool = False) -> str:
+def drops_probabilities(cfg, deterministic: bool) -> bool:
+    """Whether attention applies dropout to its probabilities (training with attention_dropout)."""
+    return not deterministic and cfg.attention_dropout > 0
+
+
+def resolve(cfg, initializing: bool = False, deterministic: bool = True) -> str:
     """The implementation for `cfg` here. Module.init takes xla: it needs only the shapes (the
     forward is dead code once params are the only output), and it often runs outside any mesh,
-    where the platform is this host's rather than the devices' that train (`jaxlm aot`)."""
-    if initializing:
+    where the platform is this host's rather than the devices' that train (`jaxlm aot`).
+    Training with attention dropout takes xla's dense mask (dropout_attention)."""
+    if initializing or drops_probabilities(cfg, deterministic):
         return "xla"
     return choose_impl(cfg.attention_impl, current_platform(), cfg.compute_dtype, cfg.dim_per_head)
 
@@ -136,18 +146,21 @@ def segment_mask(padding_mask: Optional[Array], segment_ids: Optional[Array]) ->
 
 
 def model_mask(cfg, padding_mask: Optional[Array], length: int, segment_ids: Optional[Array],
-               initializing: bool = False):
+               initializing: bool = False, deterministic: bool = True):
     """The mask the layers broadcast: segment ids for splash, a dense mask (or None) otherwise."""
-    if resolve(cfg, initializing) == "splash":
+    if resolve(cfg, initializing, deterministic) == "splash":
         return segment_mask(padding_mask, segment_ids)
     return attention_mask(padding_mask, length, cfg.causal, segment_ids)
 
 
 # == Attention ======================================================================================
 
-def attend(cfg, q: Array, k: Array, v: Array, mask, initializing: bool = False) -> Array:
+def attend(cfg, q: Array, k: Array, v: Array, mask, initializing: bool = False,
+           dropout_rng: Optional[Array] = None) -> Array:
     """q [B, T, heads, D], k, v [B, T, kv_heads, D] -> [B, T, heads, D], by model.attention_impl;
-    `mask` is model_mask's."""
+    `mask` is model_mask's. With dropout_rng (training with attention dropout): dropout_attention."""
+    if dropout_rng is not None:
+        return dropout_attention(q, k, v, mask, cfg.causal, cfg.attention_dropout, dropout_rng)
     impl = resolve(cfg, initializing)
     if impl == "splash":
         return splash_attention(q, k, v, None if mask is None else mask.ids, causal=cfg.causal,
@@ -157,6 +170,25 @@ def attend(cfg, q: Array, k: Array, v: Array, mask, initializing: bool = False) 
     # example and the causal half is no longer skipped.
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=cfg.causal and mask is None,
                                         implementation=impl)
+
+
+def dropout_attention(q: Array, k: Array, v: Array, mask: Optional[Array], causal: bool, rate: float,
+                      rng: Array) -> Array:
+    """Attention of q [B, T, heads, D] over k, v [B, T, kv_heads, D] with dropout on the
+    probabilities (each kept with 1 - rate and scaled by 1 / (1 - rate)); `mask` is
+    attention_mask's [B, 1, T, T] or None. Logits and softmax in float32, as the XLA path's."""
+    batch, length, heads, dim = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(batch, length, kv_heads, heads // kv_heads, dim)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * dim ** -0.5
+    if mask is None and causal:
+        mask = jnp.tril(jnp.ones((length, length), jnp.bool_))[None, None]
+    if mask is not None:
+        logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    keep = jax.random.bernoulli(rng, 1.0 - rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - rate), 0.0).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(batch, length, heads, dim)
 
 
 def cached_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:

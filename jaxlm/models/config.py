@@ -40,6 +40,9 @@ class ModelConfig:
     embed_norm: bool = False  # a norm right after the embeddings (BERT).
     causal: bool = True
     dropout: float = 0.0
+    # Dropout on the attention probabilities in training (BERT's attention_probs_dropout_prob,
+    # GPT-2's attn_pdrop, Llama's attention_dropout); > 0 trains through the explicit attention.
+    attention_dropout: float = 0.0
     dtype: str = "float32"  # compute dtype of activations.
     # The dtype the matmuls' inputs are cast to ("": dtype). bfloat16 with dtype float32 is mixed
     # precision where only the matmuls take bf16 inputs and return float32 (norms, softmax, the
@@ -106,6 +109,8 @@ class ModelConfig:
             out.append(f"model.head_dim={self.dim_per_head}: RoPE needs an even head dimension")
         if not 0.0 <= self.dropout < 1.0:
             out.append(f"model.dropout={self.dropout}: must be in [0, 1)")
+        if not 0.0 <= self.attention_dropout < 1.0:
+            out.append(f"model.attention_dropout={self.attention_dropout}: must be in [0, 1)")
         return out
 
     @classmethod

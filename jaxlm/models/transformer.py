@@ -28,7 +28,8 @@ import jax.numpy as jnp
 from jaxlm.models import adapter_branch
 from jaxlm.models.config import ModelConfig
 # attention_mask is re-exported: tests/test_packing.py (and older callers) import it from here.
-from jaxlm.models.attention import attend, attention_mask, cached_attention, model_mask  # noqa: F401
+from jaxlm.models.attention import (attend, attention_mask, cached_attention, drops_probabilities,  # noqa: F401
+                                    model_mask)
 from jaxlm.models.matmul import gelu_erf, matmul_dot_general, matmul_einsum
 
 Array = jax.Array
@@ -165,6 +166,7 @@ class Attention(nn.Module):
     cfg: ModelConfig
     decode: bool = False
     lora_dropout: float = 0.0  # adapter dropout of the projections (Projection.lora_dropout)
+    deterministic: bool = True  # False: training, where cfg.attention_dropout applies
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, mask: Optional[Array],
@@ -191,7 +193,8 @@ class Attention(nn.Module):
         if cached is not None:
             out = cached_attention(q, *cached)
         else:
-            out = attend(cfg, q, k, v, mask, self.is_initializing())
+            rng = self.make_rng("dropout") if drops_probabilities(cfg, self.deterministic) else None
+            out = attend(cfg, q, k, v, mask, self.is_initializing(), rng)
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
         return Projection(cfg, "bthk,hkd->btd", (heads, hd, cfg.d_model), ("heads", "head_dim", "embed"),
                           (cfg.d_model,), self.lora_dropout, name="out")(out)
@@ -265,7 +268,8 @@ class Block(nn.Module):
                  key_valid: Optional[Array]):
         cfg = self.cfg
         drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
-        attn = Attention(cfg, decode=self.decode, lora_dropout=self.lora_dropout, name="attn")
+        attn = Attention(cfg, decode=self.decode, lora_dropout=self.lora_dropout,
+                         deterministic=self.deterministic, name="attn")
         mlp = Mlp(cfg, lora_dropout=self.lora_dropout, name="mlp")
         attn_norm, mlp_norm = Norm(cfg, name="attn_norm"), Norm(cfg, name="mlp_norm")
         if cfg.norm_position == "pre":
@@ -330,7 +334,7 @@ class Transformer(nn.Module):
         x = self.embed_dropout(x)
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
         mask = None if self.decode else model_mask(cfg, padding_mask, tokens.shape[1], segment_ids,
-                                                        self.is_initializing())
+                                                        self.is_initializing(), self.deterministic)
         if cfg.scan_layers:
             x, _ = self.layers(x, positions, mask, padding_mask)
         else:

@@ -5,8 +5,9 @@
 A run that starts from a pretrained model (init_from: a Hugging Face directory or a jaxlm run)
 takes fine-tuning values instead of the recipe's from-scratch ones: the peak learning rate
 (finetune.learning_rate, or finetune.peft_learning_rate with LoRA), warmup as a fraction of the
-steps, weight decay on matrices only, the source model's dropout (finetune.dropout=-1) and, for a
-classifier, the source's pretrained pooler where it has one (classification.pooler). A
+steps, weight decay on matrices only, the source model's dropouts (model.dropout and
+model.attention_dropout; finetune.dropout=-1) and, for a classifier, the source's pretrained
+pooler where it has one (classification.pooler). A
 field named in finetune.keep keeps its value: `jaxlm train` adds every field of its command line
 there, and a recipe lists its own fine-tuning values. One log line says what was chosen and kept.
 
@@ -26,12 +27,15 @@ from jaxlm.peft import adapted, targets
 
 # peft fields a resumed run must keep: its checkpoints hold adapters of that shape and meaning.
 PEFT_RESUME_FIELDS = ("method", "rank", "alpha", "targets", "trainable", "init_r")  # init_r: AdaLoRA's shapes
+# The model's dropouts that finetune.dropout sets (-1: the source's, as transformers trains it).
+DROPOUT_FIELDS = ("dropout", "attention_dropout")
 
 
 def resolve_init_from(config: ml_collections.ConfigDict, saved: dict) -> Optional[pretrained.PretrainedSource]:
     """pretrained.resolve_init_from (config.model and data.tokenizer become the source's), then
     the peft checks and the fine-tuning defaults. `saved`: the workdir's config.json ({}: fresh)."""
-    recipe_dropout = config.model.dropout  # init_from replaces it with the source's
+    # init_from replaces both with the source's
+    recipe_dropout = {field: config.model[field] for field in DROPOUT_FIELDS}
     source = pretrained.resolve_init_from(config)
     check_peft(config, source, saved)
     if source is not None:
@@ -77,10 +81,18 @@ def _validate(ft: ml_collections.ConfigDict) -> list[str]:
     return keep
 
 
-def apply_defaults(config: ml_collections.ConfigDict, saved: dict, recipe_dropout: float,
+def apply_defaults(config: ml_collections.ConfigDict, saved: dict, recipe_dropout: dict,
                    source: pretrained.PretrainedSource) -> None:
+    """recipe_dropout: the recipe's model.dropout and model.attention_dropout (DROPOUT_FIELDS),
+    before init_from replaced them with the source's."""
     ft = config.finetune
     keep = _validate(ft)
+    # A run that started before jaxlm had attention dropout resumes without it, as it trained.
+    resumed_without = bool(saved) and "attention_dropout" not in saved.get("model", {})
+    if resumed_without and "model.attention_dropout" not in keep:
+        with config.model.ignore_type():
+            config.model.attention_dropout = 0.0
+        logging.info("model.attention_dropout=0.0: the run started before jaxlm had attention dropout")
     if not ft.defaults:
         return
     if saved and "finetune" not in saved:
@@ -106,14 +118,18 @@ def apply_defaults(config: ml_collections.ConfigDict, saved: dict, recipe_dropou
     choose("optim.weight_decay", float(ft.weight_decay))
     choose("optim.decay_norms_and_biases", False)
     choose("optim.decay_embeddings", False)
-    if "model.dropout" in keep:
-        with config.model.ignore_type():
-            config.model.dropout = recipe_dropout
-        kept.append(f"model.dropout={recipe_dropout!r}")
-    elif ft.dropout >= 0:
-        choose("model.dropout", float(ft.dropout))
-    else:
-        chosen.append(f"model.dropout={config.model.dropout!r} (the source's)")
+    for leaf in DROPOUT_FIELDS:
+        field = f"model.{leaf}"
+        if leaf == "attention_dropout" and resumed_without and field not in keep:
+            chosen.append(f"{field}=0.0 (as the run started)")
+        elif field in keep:
+            with config.model.ignore_type():
+                config.model[leaf] = recipe_dropout[leaf]
+            kept.append(f"{field}={recipe_dropout[leaf]!r}")
+        elif ft.dropout >= 0:
+            choose(field, float(ft.dropout))
+        else:
+            chosen.append(f"{field}={config.model[leaf]!r} (the source's)")
     if source.pooler and config.task == "classification":
         # As transformers' BertForSequenceClassification does: the pretrained pooler, kept
         # (6-class set, benchmarks/README.md: test accuracy 0.5024 -> 0.5220 with it). A resume
