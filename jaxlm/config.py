@@ -130,8 +130,8 @@ FIELDS: dict[str, tuple[Any, str]] = {
     # Fine-tuning defaults (jaxlm/peft/finetuning.py): a run with init_from takes these instead of the
     # recipe's from-scratch values, except for the fields named in finetune.keep.
     "finetune.defaults": (True, "with init_from: optim.learning_rate, optim.warmup_steps, optim.weight_decay "
-                          "(never on norms, biases, embeddings), model.dropout and model.attention_dropout take the finetune.* values, and a "
-                          "classifier uses the source's pretrained pooler if it has one "
+                          "(never on norms, biases, embeddings), model.dropout and model.attention_dropout take "
+                          "the finetune.* values, and a classifier uses the source's pretrained pooler if it has one "
                           "(false: the recipe's, and the source's dropout)"),
     "finetune.learning_rate": (5e-5, "peak learning rate of full fine-tuning"),
     "finetune.peft_learning_rate": (5e-4, "peak learning rate with peft.method=lora or adalora (adapters want a higher rate)"),

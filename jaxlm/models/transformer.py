@@ -193,7 +193,8 @@ class Attention(nn.Module):
         if cached is not None:
             out = cached_attention(q, *cached)
         else:
-            rng = self.make_rng("dropout") if drops_probabilities(cfg, self.deterministic) else None
+            drops = drops_probabilities(cfg, self.deterministic) and not self.is_initializing()
+            rng = self.make_rng("dropout") if drops else None
             out = attend(cfg, q, k, v, mask, self.is_initializing(), rng)
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
         return Projection(cfg, "bthk,hkd->btd", (heads, hd, cfg.d_model), ("heads", "head_dim", "embed"),
