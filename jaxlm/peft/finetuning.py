@@ -7,9 +7,9 @@ takes fine-tuning values instead of the recipe's from-scratch ones: the peak lea
 (finetune.learning_rate, or finetune.peft_learning_rate with LoRA), warmup as a fraction of the
 steps, weight decay on matrices only, the source model's dropouts (model.dropout and
 model.attention_dropout; finetune.dropout=-1) and, for a classifier, the source's pretrained
-pooler where it has one (classification.pooler). A
-field named in finetune.keep keeps its value: `jaxlm train` adds every field of its command line
-there, and a recipe lists its own fine-tuning values. One log line says what was chosen and kept.
+pooler where it has one (classification.pooler). A field named in finetune.keep keeps its value:
+`jaxlm train` adds every field of its command line there, and a recipe lists its own fine-tuning
+values. One log line says what was chosen and kept.
 
 Runs that started before these defaults existed (a DIR/config.json without a finetune section)
 resume with their recipe's values, as they were trained.
@@ -34,8 +34,7 @@ DROPOUT_FIELDS = ("dropout", "attention_dropout")
 def resolve_init_from(config: ml_collections.ConfigDict, saved: dict) -> Optional[pretrained.PretrainedSource]:
     """pretrained.resolve_init_from (config.model and data.tokenizer become the source's), then
     the peft checks and the fine-tuning defaults. `saved`: the workdir's config.json ({}: fresh)."""
-    # init_from replaces both with the source's
-    recipe_dropout = {field: config.model[field] for field in DROPOUT_FIELDS}
+    recipe_dropout = {field: config.model[field] for field in DROPOUT_FIELDS}  # init_from sets the source's
     source = pretrained.resolve_init_from(config)
     check_peft(config, source, saved)
     if source is not None:
