@@ -24,7 +24,7 @@ the TPU path's numerics on a CPU, as the tests do).
 
 import functools
 import os
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -172,35 +172,43 @@ def attend(cfg, q: Array, k: Array, v: Array, mask, initializing: bool = False,
                                         implementation=impl)
 
 
+def grouped_attention(q: Array, k: Array, v: Array, mask: Optional[Array], kv_layout: str,
+                      drop: Optional[Callable[[Array], Array]] = None) -> Array:
+    """Attention of q [B, T, heads, D] over k, v laid out as `kv_layout` ("bskd": [B, S, kv_heads, D];
+    "bksd": head-major, a KV cache's), query heads grouped over the KV heads (GQA). `mask`
+    [B, 1, T, S] or None; logits and softmax in float32, as jax.nn.dot_product_attention's;
+    `drop` (dropout) maps the float32 probabilities before they weigh the values."""
+    batch, length, heads, dim = q.shape
+    kv_heads = k.shape[kv_layout.index("k")]
+    q = q.reshape(batch, length, kv_heads, heads // kv_heads, dim)
+    logits = jnp.einsum(f"btkgd,{kv_layout}->bkgts", q, k, preferred_element_type=jnp.float32) * dim ** -0.5
+    if mask is not None:
+        logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if drop is not None:
+        probs = drop(probs)
+    return jnp.einsum(f"bkgts,{kv_layout}->btkgd", probs.astype(v.dtype), v).reshape(batch, length, heads, dim)
+
+
 def dropout_attention(q: Array, k: Array, v: Array, mask: Optional[Array], causal: bool, rate: float,
                       rng: Array) -> Array:
     """Attention of q [B, T, heads, D] over k, v [B, T, kv_heads, D] with dropout on the
     probabilities (each kept with 1 - rate and scaled by 1 / (1 - rate)); `mask` is
-    attention_mask's [B, 1, T, T] or None. Logits and softmax in float32, as the XLA path's."""
-    batch, length, heads, dim = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(batch, length, kv_heads, heads // kv_heads, dim)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * dim ** -0.5
+    attention_mask's [B, 1, T, T] or None."""
+    length = q.shape[1]
     if mask is None and causal:
         mask = jnp.tril(jnp.ones((length, length), jnp.bool_))[None, None]
-    if mask is not None:
-        logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
-    keep = jax.random.bernoulli(rng, 1.0 - rate, probs.shape)
-    probs = jnp.where(keep, probs / (1.0 - rate), 0.0).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(batch, length, heads, dim)
+
+    def drop(probs):
+        keep = jax.random.bernoulli(rng, 1.0 - rate, probs.shape)
+        return jnp.where(keep, probs / (1.0 - rate), 0.0)
+    return grouped_attention(q, k, v, mask, "bskd", drop)
 
 
 def cached_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     """Attention of q [B, T, heads, D] over a head-major cache k, v [B, kv_heads, S, D] with a
-    [B, 1, T, S] mask; logits and softmax in float32, as jax.nn.dot_product_attention's."""
-    batch, length, heads, dim = q.shape
-    kv_heads = k.shape[1]
-    q = q.reshape(batch, length, kv_heads, heads // kv_heads, dim)
-    logits = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * dim ** -0.5
-    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(batch, length, heads, dim)
+    [B, 1, T, S] mask."""
+    return grouped_attention(q, k, v, mask, "bksd")
 
 
 # == Splash =========================================================================================
