@@ -56,4 +56,6 @@ def get_config(arg: str = ""):
         c.model.d_model = 64
         c.model.num_heads = 4
         c.model.d_ff = 256
+        c.global_batch_size = 16  # 1,024 tokens a step: a smoke test (and the suite's many runs).
+        c.seq_len = 64
     return c

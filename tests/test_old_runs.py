@@ -41,7 +41,8 @@ def data_dir(tmp_path_factory):
 def resumed(tmp_path_factory, reference, data_dir):
     workdir = str(tmp_path_factory.mktemp("old") / "run")
     shutil.copytree(FIXTURE, workdir)
-    flags = reference["command_flags"].split()
+    # :runlocal ran 32 rows of 128 tokens when the run was written (16 of 64 today).
+    flags = reference["command_flags"].split() + ["--config.global_batch_size=32", "--config.seq_len=128"]
     proc = run_cli(["train", *flags, f"--workdir={workdir}", f"--config.data.data_dir={data_dir}"])
     return workdir, flags, proc
 

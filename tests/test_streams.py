@@ -351,5 +351,5 @@ def test_kill9_with_workers_and_mixture_then_rerun_is_bitwise_identical(tmp_path
              for w in (straight, killed) for r in read_metrics(w) if r["step"] == RESUME_STEPS]
     assert final[0] == final[1] and len(final[0]) == 4, final
     tokens = [final[0][f"data/tokens/file_{corpus[k]}"] for k in "ab"]
-    assert sum(tokens) == RESUME_STEPS * 32 * 128, tokens  # runlocal: 32 rows of 128 tokens a step.
+    assert sum(tokens) == RESUME_STEPS * 16 * 64, tokens  # runlocal: 16 rows of 64 tokens a step.
     assert not orphans, f"processes of the SIGKILLed trainer still ran 10 s later (pids {orphans})"
