@@ -13,7 +13,7 @@ if _DEVICE_FLAG not in os.environ.get("XLA_FLAGS", ""):
 # The suite's time is mostly XLA:CPU compiling tiny programs, and LLVM's optimisation is most of
 # that: at level 0 a tiny model's value_and_grad compiles in 1.5 s instead of 2.4 s, while its
 # steps run slower, which tiny shapes and a few steps do not notice (the in-process files of
-# the suite: 229 -> 147 s). Subprocesses inherit it; benchmarks, which time steps, do not.
+# the suite: 229 -> 147 s). Subprocesses inherit it; nothing outside the suite sets it.
 _OPT_FLAG = "--xla_backend_optimization_level="
 if _OPT_FLAG not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += f" {_OPT_FLAG}0"

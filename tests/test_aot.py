@@ -45,6 +45,9 @@ def runs(tmp_path_factory):
     """
     tmp = tmp_path_factory.mktemp("aot")
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+    # The program users compile: without the suite's XLA:CPU optimisation level (conftest).
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if not f.startswith("--xla_backend_optimization_level="))
     procs, done = {}, {}
 
     def start(name):
