@@ -24,8 +24,9 @@ Without data.eval_file a fixed random 10% of the rows is held out. The label nam
 with the prepared data and in DIR/config.json (data.label_names); eval/precision, eval/recall
 and eval/f1 are binary (positive class: a label named 'positive', else label 1) for two classes
 and macro averages for more; DIR/eval_report.json has per-class values and the confusion
-matrix, and DIR/best/ the params of the best eval/f1. Integer labels are class indices
-(named by data.label_names if given, as SST-2's 0/1 by configs/sst2.py); config.json records
+matrix, and DIR/best/ the params of the best eval/f1. Integer labels from 0 are class indices
+(named by data.label_names if given, as SST-2's 0/1 by configs/sst2.py); integers that start
+elsewhere (1..4 of a news-topic CSV, 1..5 stars) are the names of their classes; config.json records
 the kind (data.label_kind), so a later `jaxlm eval --config.data.eval_file=...` maps integer or
 name labels of another file exactly as training did.
 

@@ -107,6 +107,22 @@ def keep_saved_loader(workdir: str, saved: dict, config: ml_collections.ConfigDi
         config.data.loader = loader
 
 
+def keep_saved_labels(workdir: str, saved: dict, config: ml_collections.ConfigDict) -> None:
+    """A resumed classifier keeps the classes it started with (DIR/config.json's data.label_names
+    and data.label_kind) unless the command line sets them: how the train labels map to classes
+    may have changed since (integer labels from 1 became names), its checkpoints have not."""
+    if not saved or config.task != "classification":
+        return
+    saved_data = saved.get("data", {})
+    if not saved_data.get("label_names") or any(config.data.get(f) for f in ("label_names", "label_kind", "num_labels")):
+        return
+    with config.data.ignore_type():
+        config.data.label_names = list(saved_data["label_names"])
+        config.data.label_kind = saved_data.get("label_kind", "") or ""
+    logging.info("--workdir=%s: resuming with its classes %s (data.label_kind=%s)", workdir,
+                 ", ".join(config.data.label_names), config.data.label_kind or "from the labels")
+
+
 def check_resumable(workdir: str, saved: dict, config: ml_collections.ConfigDict) -> None:
     """Refuses a workdir holding a run (`saved`: its config.json) whose task, classes or model
     shapes differ from the resolved `config` (every value here is final: vocab size and labels

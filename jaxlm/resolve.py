@@ -49,6 +49,7 @@ def resolve_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
     config_checks.validate(config)
     check_batch_layout(config, mesh)
     config_checks.keep_saved_loader(workdir, saved, config)
+    config_checks.keep_saved_labels(workdir, saved, config)
     task = get_task(config.task)
     data = task.build_data(config, workdir, jax.process_index(), jax.process_count())
     task.resolve(config, data)  # Vocab size, classes, pooling.

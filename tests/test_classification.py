@@ -242,8 +242,9 @@ def test_hold_out_and_explicit_label_order(tmp_path):
 
 
 def test_label_kinds(tmp_path):
-    """Integer labels are class indices (named by data.label_names), and an eval file may name
-    them instead; data.label_kind=name keeps numerals as names (stars 1..10: 3 classes, by value)."""
+    """Integer labels from 0 are class indices (named by data.label_names), and an eval file may
+    name them instead; integers that do not start at 0 (stars 1..10) name their classes (3
+    classes, by value), as data.label_kind=name does; data.label_kind=integer keeps them indices."""
     train, evaluation = tmp_path / "train.csv", tmp_path / "eval.csv"
     train.write_text("text,label\na,0\nb,1\nc,1\n")
     evaluation.write_text("text,label\nd,positive\ne,0\n")
@@ -258,13 +259,51 @@ def test_label_kinds(tmp_path):
     stars.write_text("text,label\na,10\nb,1\nc,2\nd,1\n")
     named = labeled_builder.make_labeled_files_config(_data_config(stars, label_kind="name", eval_fraction=0.25))
     assert named.label_names == ("1", "2", "10") and not named.integer_labels
-    assert labeled_builder.make_labeled_files_config(_data_config(stars, eval_fraction=0.25)).label_names == tuple(
-        str(i) for i in range(11))  # By default integers are indices: 11 classes.
+    assert labeled_builder.make_labeled_files_config(_data_config(stars, eval_fraction=0.25)) == named
+    indices = labeled_builder.make_labeled_files_config(_data_config(stars, label_kind="integer", eval_fraction=0.25))
+    assert indices.label_names == tuple(str(i) for i in range(11)) and indices.integer_labels  # 11 classes
     with pytest.raises(UserError, match=r"row 1 \(line 2\): label 'x' is not an integer, but data.label_kind"):
         (tmp_path / "mixed.csv").write_text("text,label\na,x\nb,1\n")
         labeled_builder.make_labeled_files_config(_data_config(tmp_path / "mixed.csv", label_kind="integer"))
     with pytest.raises(UserError, match="data.label_kind='index': use integer"):
         labeled_builder.make_labeled_files_config(_data_config(stars, label_kind="index"))
+
+
+def test_integer_labels_from_one_name_their_classes_and_a_resume_keeps_its_own(tmp_path):
+    """A news-topic CSV with classes 1..4 gets 4 classes (no empty class 0), the eval file's 1..4
+    map to them; a run that started when such labels were indices (0..4) resumes with those."""
+    from jaxlm import config as config_lib  # pylint: disable=import-outside-toplevel
+    from jaxlm import config_checks  # pylint: disable=import-outside-toplevel
+    train, evaluation = tmp_path / "news.csv", tmp_path / "news_test.csv"
+    train.write_text("title,topic\n" + "".join(f"story {i},{1 + i % 4}\n" for i in range(12)))
+    evaluation.write_text("title,topic\nx,4\ny,1\n")
+    data = _data_config(train, evaluation, text_column="title", label_column="topic")
+    prepared = labeled_builder.prepare_labeled_dataset(labeled_builder.make_labeled_files_config(data),
+                                                       str(tmp_path / "tfds"))
+    assert prepared.vocab.names == ("1", "2", "3", "4") and not prepared.vocab.integer
+    assert [label for _, _, label in _records(prepared, "train")][:5] == [0, 1, 2, 3, 0]
+    assert _records(prepared, "validation") == [("x", "", 3), ("y", "", 0)]
+    (tmp_path / "zero.csv").write_text("title,topic\nz,0\n")  # 0 was a class after all: say how to keep indices
+    with pytest.raises(UserError, match=r"label '0' never occurs in data.train_file \(labels: 1, 2, 3, 4\).*"
+                                        r"data.label_kind=integer if the labels are class indices"):
+        labeled_builder.make_labeled_files_config(_data_config(train, tmp_path / "zero.csv", text_column="title",
+                                                               label_column="topic"))
+    for labels, names in (("-1,1,-1", ("-1", "1")), ("0,2,1", ("0", "1", "2"))):
+        (tmp_path / "s.csv").write_text("text,label\n" + "".join(f"t{i},{v}\n" for i, v in enumerate(labels.split(","))))
+        assert labeled_builder.make_labeled_files_config(_data_config(tmp_path / "s.csv", eval_fraction=0.34)
+                                                         ).label_names == names
+
+    config = config_lib.base_config()
+    config.task, config.data = "classification", data
+    saved = {"task": "classification", "data": {"label_names": ["0", "1", "2", "3", "4"], "label_kind": "integer"}}
+    config_checks.keep_saved_labels("DIR", saved, config)
+    old = labeled_builder.make_labeled_files_config(config.data)
+    assert old.label_names == ("0", "1", "2", "3", "4") and old.integer_labels  # as the run was trained
+    fresh = config_lib.base_config()
+    fresh.task, fresh.data = "classification", _data_config(train, evaluation, text_column="title",
+                                                             label_column="topic", label_kind="name")
+    config_checks.keep_saved_labels("DIR", saved, fresh)  # the command line's choice wins
+    assert fresh.data.label_kind == "name" and not fresh.data.label_names
 
 
 def test_rows_report_file_row_and_line(tmp_path):

@@ -4,7 +4,9 @@ Labels in the data are integers (class indices 0..C-1) or names (positive/negati
 train labels decide (data.label_kind = integer or name overrides that), and training records
 the kind in config.json next to data.label_names. Integer classes are named "0".."C-1" unless
 data.label_names names them; names are sorted (numerals by value) unless data.label_names fixes
-the order. Every file is mapped by `LabelVocab.index`: in an integer vocabulary a label may also
+the order. Integer labels that do not start at 0 (1..4 of a news-topic CSV, 1..5 stars, -1/1)
+are values, not indices: each distinct value is a class named by it, in numeric order, so no
+empty class 0 is made up (data.label_kind=integer or data.num_labels keeps them indices). Every file is mapped by `LabelVocab.index`: in an integer vocabulary a label may also
 be one of the names (SST-2's 0/1 or negative/positive), in a name vocabulary only a name.
 The positive class (for binary precision/recall/F1) is classification.positive_label, else a
 label named "positive", else index 1.
@@ -72,8 +74,10 @@ class LabelVocab:
         if self.integer:
             raise UserError(f"{where}: label {name!r} is neither a class index (0..{len(self.names) - 1}) nor a "
                             f"name of {source} ({', '.join(self.names)}); fix the label")
-        raise UserError(f"{where}: label {name!r} never occurs in {source} (labels: {', '.join(self.names)}); "
-                        "fix the label or list every name in data.label_names")
+        fix = "fix the label or list every name in data.label_names"
+        if isinstance(label, int) and all(_INT.fullmatch(n) for n in self.names):
+            fix += " (or set data.label_kind=integer if the labels are class indices 0..C-1)"
+        raise UserError(f"{where}: label {name!r} never occurs in {source} (labels: {', '.join(self.names)}); {fix}")
 
     @functools.cached_property
     def _lookup(self) -> dict[str, int]:
@@ -119,6 +123,8 @@ def build_vocab(labels: Iterable[tuple[RawLabel, str]], *, names: Sequence[str] 
                 raise UserError(f"{where}: label {label!r} is not an integer, but data.label_kind=integer; "
                                 "fix the label or leave data.label_kind=''")
     integer = kind == "integer" or (not kind and all(isinstance(label, int) for label, _ in labels))
+    if integer and not kind and not names and not num_labels and min(label for label, _ in labels) != 0:
+        integer = False  # 1..C or -1/1: values that name classes (see the module docstring).
     if integer:
         count = len(names) or num_labels or max(label for label, _ in labels) + 1
         vocab = LabelVocab(tuple(names) if names else tuple(str(i) for i in range(count)), integer=True)
