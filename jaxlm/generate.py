@@ -60,7 +60,7 @@ def next_token(logits: jax.Array, key: jax.Array, sampling: Sampling, valid_voca
     if valid_vocab < logits.shape[-1]:
         logits = jnp.where(jnp.arange(logits.shape[-1]) < valid_vocab, logits, -jnp.inf)
     if sampling.temperature == 0:
-        return jnp.argmax(logits, -1).astype(jnp.int32)
+        return greedy(logits)
     logits = logits / sampling.temperature
     if sampling.top_k:
         kth = jax.lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0][..., -1:]
@@ -73,6 +73,17 @@ def next_token(logits: jax.Array, key: jax.Array, sampling: Sampling, valid_voca
         threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), -1, keepdims=True)
         logits = jnp.where(logits < threshold, -jnp.inf, logits)
     return jax.random.categorical(key, logits, -1).astype(jnp.int32)
+
+
+def greedy(logits: jax.Array) -> jax.Array:
+    """jnp.argmax over the last axis (the first maximum; a NaN counts as the maximum), as a max and
+    then a min over the positions that hold it: XLA:CPU runs these two plain reductions in under
+    half the time of argmax's variadic one ([16, 8192]: 0.17 vs 0.39 ms a call;
+    benchmarks/decode_variants.py)."""
+    top = jnp.max(logits, -1, keepdims=True)
+    positions = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    hit = (logits == top) | jnp.isnan(logits)
+    return jnp.min(jnp.where(hit, positions, logits.shape[-1]), -1)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int = 0):

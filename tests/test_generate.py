@@ -16,7 +16,7 @@ import pytest
 from conftest import tiny_config, tiny_llama_config
 from jaxlm import cli
 from jaxlm.data.tokenizer import load_tokenizer
-from jaxlm.generate import CACHE_GROWTH, Generator, Sampling, TextStream, left_pad, next_token, read_prompts
+from jaxlm.generate import CACHE_GROWTH, Generator, Sampling, TextStream, greedy, left_pad, next_token, read_prompts
 from jaxlm.errors import UserError
 from jaxlm.models import Model
 
@@ -129,6 +129,18 @@ def test_sampling_filters():
     assert draws <= top3 and len(draws) > 1
     hot = [int(next_token(logits, jax.random.key(s), Sampling(temperature=100.0), VALID_VOCAB)[0]) for s in range(200)]
     assert max(hot) < VALID_VOCAB, "vocab padding is never sampled"
+
+
+def test_greedy_is_argmax_with_its_ties_nans_and_infinities():
+    rows = np.random.default_rng(1).normal(0, 1, (6, 40)).astype(np.float32)
+    rows[1, [7, 3, 30]] = 9.0  # a tie: the first maximum
+    rows[2, [12, 5]] = np.nan  # a NaN counts as the maximum, the first one
+    rows[3] = -np.inf  # all masked
+    rows[4, 20:] = -np.inf
+    rows[5, 0] = np.inf
+    got = np.asarray(jax.jit(greedy)(jnp.asarray(rows)))
+    assert got.dtype == np.int32 and got.tolist() == np.asarray(jnp.argmax(jnp.asarray(rows), -1)).tolist()
+    assert got[1:4].tolist() == [3, 5, 0]
 
 
 def test_sampling_is_seeded(gpt2_generator):
