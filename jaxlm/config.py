@@ -115,8 +115,8 @@ FIELDS: dict[str, tuple[Any, str]] = {
     "data.label_column": ("label", "classification: column/key/feature holding the label (integer or name)"),
     "data.label_names": ("", "classification: label names in index order, comma-separated ('' = from the train data)"),
     "data.num_labels": (0, "classification: number of classes (0 = from the data)"),
-    "data.label_kind": ("", "classification: integer (class indices) | name ('': indices if the train labels are integers "
-                        "from 0; integers from 1 (1..5 stars) or -1/1 name their classes)"),
+    "data.label_kind": ("", "classification: integer (class indices) | name ('': indices if the train labels are "
+                        "integers from 0; integers from 1 (1..5 stars) or -1/1 name their classes)"),
     "data.file_format": ("auto", "classification files: auto (by extension) | csv | tsv | jsonl"),
     "data.length_buckets": (1, "classification: batch sequence lengths seq_len, seq_len/2, ... (1 = always seq_len)"),
 

@@ -114,7 +114,8 @@ def keep_saved_labels(workdir: str, saved: dict, config: ml_collections.ConfigDi
     if not saved or config.task != "classification":
         return
     saved_data = saved.get("data", {})
-    if not saved_data.get("label_names") or any(config.data.get(f) for f in ("label_names", "label_kind", "num_labels")):
+    chosen = any(config.data.get(field) for field in ("label_names", "label_kind", "num_labels"))
+    if chosen or not saved_data.get("label_names"):
         return
     with config.data.ignore_type():
         config.data.label_names = list(saved_data["label_names"])

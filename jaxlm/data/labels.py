@@ -6,8 +6,9 @@ the kind in config.json next to data.label_names. Integer classes are named "0".
 data.label_names names them; names are sorted (numerals by value) unless data.label_names fixes
 the order. Integer labels that do not start at 0 (1..4 of a news-topic CSV, 1..5 stars, -1/1)
 are values, not indices: each distinct value is a class named by it, in numeric order, so no
-empty class 0 is made up (data.label_kind=integer or data.num_labels keeps them indices). Every file is mapped by `LabelVocab.index`: in an integer vocabulary a label may also
-be one of the names (SST-2's 0/1 or negative/positive), in a name vocabulary only a name.
+empty class 0 is made up (data.label_kind=integer or data.num_labels keeps them indices).
+Every file is mapped by `LabelVocab.index`: in an integer vocabulary a label may also be one of
+the names (SST-2's 0/1 or negative/positive), in a name vocabulary only a name.
 The positive class (for binary precision/recall/F1) is classification.positive_label, else a
 label named "positive", else index 1.
 """
