@@ -40,6 +40,7 @@ class LabeledFilesConfig(tfds.core.BuilderConfig):
     eval_files: tuple[str, ...] = ()
     eval_fraction: float = 0.1
     file_format: str = "auto"
+    header: bool = True  # CSV/TSV: the first row names the columns (False: numbered from 1)
     text_column: str = "text"
     text_pair_column: str = ""
     label_column: str = "label"
@@ -67,10 +68,10 @@ def _text(row: table_files.Row, column: str, path: str) -> str:
     return value
 
 
-def _raw_rows(files, fmt_option: str, columns: dict[str, str]) -> Iterator[tuple[str, table_files.Row]]:
+def _raw_rows(files, config) -> Iterator[tuple[str, table_files.Row]]:
     for path in files:
-        fmt = table_files.file_format(path, fmt_option)
-        for row in table_files.read_rows(path, fmt, columns):
+        fmt = table_files.file_format(path, config.file_format)
+        for row in table_files.read_rows(path, fmt, _columns(config), config.header, "data.header"):
             yield path, row
 
 
@@ -86,7 +87,7 @@ def _example(path: str, row: table_files.Row, config, vocab: labels.LabelVocab, 
 
 
 def _examples(files, config, vocab: labels.LabelVocab, source: str = labels.TRAIN_SOURCE) -> Iterator[_Example]:
-    for path, row in _raw_rows(files, config.file_format, _columns(config)):
+    for path, row in _raw_rows(files, config):
         yield _example(path, row, config, vocab, source)
 
 
@@ -94,6 +95,8 @@ def _content_hash(config: LabeledFilesConfig) -> str:
     options = {k: v for k, v in dataclasses.asdict(config).items()
                if k not in ("name", "version", "release_notes", "supported_versions", "description",
                             "train_files", "eval_files", "tags")}
+    if config.header:  # The default leaves the names of existing preparations (and resumes) as they were.
+        del options["header"]
     options["rules"] = _RULES_VERSION
     options["num_files"] = [len(config.train_files), len(config.eval_files)]
     if config.eval_files:
@@ -117,12 +120,13 @@ def make_labeled_files_config(data_config) -> LabeledFilesConfig:
         raise UserError("data.label_column is empty; name the column that holds the label")
     config = LabeledFilesConfig(
         name="pending", train_files=train_files, eval_files=eval_files, eval_fraction=eval_fraction,
-        file_format=data_config.get("file_format", "auto") or "auto", text_column=text_column,
+        file_format=data_config.get("file_format", "auto") or "auto", header=bool(data_config.get("header", True)),
+        text_column=text_column,
         text_pair_column=(data_config.get("text_pair_column", "") or "").strip(), label_column=label_column)
 
     # Pass 1 over the train rows: texts are checked and the label vocabulary is built.
     raw, num_rows = [], 0
-    for path, row in _raw_rows(train_files, config.file_format, _columns(config)):
+    for path, row in _raw_rows(train_files, config):
         _text(row, text_column, path)
         if config.text_pair_column:
             _text(row, config.text_pair_column, path)
@@ -157,10 +161,11 @@ def read_eval_files(data_config, label_names: tuple[str, ...],
     eval_files = builders.resolve_files(spec, "data.eval_file")
     config = LabeledFilesConfig(
         name="eval_only", eval_files=eval_files, file_format=data_config.get("file_format", "auto") or "auto",
+        header=bool(data_config.get("header", True)),
         text_column=(data_config.get("text_column", "text") or "").strip(),
         text_pair_column=(data_config.get("text_pair_column", "") or "").strip(),
         label_column=(data_config.get("label_column", "label") or "").strip(), label_names=tuple(label_names))
-    rows = list(_raw_rows(eval_files, config.file_format, _columns(config)))
+    rows = list(_raw_rows(eval_files, config))
     if not rows:
         raise UserError(f"data.eval_file={spec}: no rows to evaluate")
     vocab = labels.run_vocab(label_names, label_kind, (_raw_label(path, row, config) for path, row in rows))

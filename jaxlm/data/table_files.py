@@ -1,7 +1,8 @@
 """Rows of CSV, TSV and JSONL files (local or gs://), with errors that name the file, row and line.
 
 CSV and TSV follow RFC 4180 quoting (a quoted field may hold the delimiter, quotes written
-twice, tabs and newlines); the first non-empty record is the header. JSONL holds one JSON object
+twice, tabs and newlines); the first non-empty record is the header, or, for a file without one
+(header=False), the columns are numbered from 1. JSONL holds one JSON object
 per line. Files must be UTF-8 (a BOM is allowed); anything else is a UserError naming the line.
 """
 
@@ -62,15 +63,28 @@ def read_text(path: str) -> str:
     return text[1:] if text.startswith("\ufeff") else text
 
 
-def _check_columns(path: str, header: Sequence[str], columns: dict[str, str]) -> None:
+def _check_columns(path: str, header: Sequence[str], columns: dict[str, str], header_field: str) -> None:
     for field, column in columns.items():
         if column and column not in header:
             have = ", ".join(repr(h) for h in header) or "none"
+            hint = (f" (a file without a header line: {header_field}=false, columns numbered from 1)"
+                    if header_field else "")
             raise UserError(f"{path}: no column {column!r} (the header has {have}); "
-                            f"set {field} to one of them")
+                            f"set {field} to one of them{hint}")
 
 
-def _delimited_rows(path: str, text: str, delimiter: str, columns: dict[str, str]) -> Iterator[Row]:
+def _check_numbered(path: str, count: int, columns: dict[str, str], header_field: str) -> list[str]:
+    """Names "1".."count" of a headerless file's columns; every configured column must be one."""
+    names = [str(i) for i in range(1, count + 1)]
+    for field, column in columns.items():
+        if column and column not in names:
+            raise UserError(f"{path}: {header_field}=false numbers the columns 1..{count}, so {field}={column!r} "
+                            f"names none; set {field} to a number from 1 to {count}")
+    return names
+
+
+def _delimited_rows(path: str, text: str, delimiter: str, columns: dict[str, str], header_row: bool,
+                    header_field: str) -> Iterator[Row]:
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     header = None
     number = 0
@@ -87,12 +101,15 @@ def _delimited_rows(path: str, text: str, delimiter: str, columns: dict[str, str
         if not record or (len(record) == 1 and not record[0].strip()):
             continue  # Blank lines.
         if header is None:
-            header = [h.strip() for h in record]
-            _check_columns(path, header, columns)
-            continue
+            if header_row:
+                header = [h.strip() for h in record]
+                _check_columns(path, header, columns, header_field)
+                continue
+            header = _check_numbered(path, len(record), columns, header_field)
         number += 1
         if len(record) != len(header):
-            raise UserError(f"{path}, row {number} (line {line}): {len(record)} field(s) but the header has "
+            first = "the header has" if header_row else "the first row has"
+            raise UserError(f"{path}, row {number} (line {line}): {len(record)} field(s) but {first} "
                             f"{len(header)}; quote fields that contain the delimiter")
         yield Row(number, line, dict(zip(header, record)))
     if header is None:
@@ -122,13 +139,19 @@ def _jsonl_rows(path: str, text: str, columns: dict[str, str]) -> Iterator[Row]:
         raise UserError(f"{path}: empty file (no JSON rows); give a file with one JSON object per line")
 
 
-def read_rows(path: str, fmt: str, columns: dict[str, str]) -> Iterator[Row]:
-    """Data rows of one file. `columns` maps config field -> column name (every name must exist)."""
+def read_rows(path: str, fmt: str, columns: dict[str, str], header: bool = True,
+              header_field: str = "") -> Iterator[Row]:
+    """Data rows of one file. `columns` maps config field -> column name (every name must exist).
+
+    header=False (CSV/TSV only): every row is data and the columns are named "1", "2", ... as
+    in the classic headerless text-classification CSVs (label, title, description).
+    `header_field` names the option that sets it, for the error messages ('' = none to name).
+    """
     text = read_text(path)
     if fmt == "jsonl":
         rows = _jsonl_rows(path, text, columns)
     else:
-        rows = _delimited_rows(path, text, "\t" if fmt == "tsv" else ",", columns)
+        rows = _delimited_rows(path, text, "\t" if fmt == "tsv" else ",", columns, header, header_field)
     count = 0
     for row in rows:
         count += 1
