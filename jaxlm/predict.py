@@ -81,8 +81,10 @@ def _cell(value: Any, where: str, column: str) -> str:
     return str(value)
 
 
-def read_inputs(path: str, text_column: str = "text", text_pair_column: str = "") -> list[InputRow]:
-    """The rows to label; a missing column is a UserError that names the flag that picks it."""
+def read_inputs(path: str, text_column: str = "text", text_pair_column: str = "",
+                header: bool = True) -> list[InputRow]:
+    """The rows to label; a missing column is a UserError that names the flag that picks it.
+    header=False: a CSV/TSV without a header line, its columns numbered from 1."""
     fmt = input_format(path)
     if fmt == "text":
         lines = [line.strip() for line in table_files.read_text(path).splitlines()]
@@ -92,7 +94,7 @@ def read_inputs(path: str, text_column: str = "text", text_pair_column: str = ""
         return rows
     columns = {"--text_column": text_column, "--text_pair_column": text_pair_column}
     rows = []
-    for row in table_files.read_rows(path, fmt, columns):
+    for row in table_files.read_rows(path, fmt, columns, header, "--header"):
         where = row.where(path)
         rows.append(InputRow(row.values, _cell(row.values[text_column], where, text_column),
                              _cell(row.values[text_pair_column], where, text_pair_column) if text_pair_column else ""))
@@ -218,8 +220,10 @@ def write_predictions(path: str, rows: Sequence[InputRow], predictions: Predicti
 
 def run_predict(workdir: str, input_path: str, output_path: str, overrides: dict[str, str], *,
                 step: Optional[int] = None, best: bool = False, text_column: str = "", text_pair_column: str = "",
-                batch_size: int = 64, overwrite: bool = False) -> tuple[Classifier, Predictions]:
-    """The whole command: checks that cost nothing first, then the model, then the rows."""
+                batch_size: int = 64, overwrite: bool = False,
+                header: Optional[bool] = None) -> tuple[Classifier, Predictions]:
+    """The whole command: checks that cost nothing first, then the model, then the rows.
+    header None: as the run's data files (data.header)."""
     output_format(output_path)
     if io.exists(output_path) and not overwrite:
         raise UserError(f"--output={output_path} exists; choose another name or pass --overwrite")
@@ -238,7 +242,8 @@ def run_predict(workdir: str, input_path: str, output_path: str, overrides: dict
     if text_pair_column and input_format(input_path) == "text":
         raise UserError(f"--input={input_path}: this run classifies text pairs ({text_pair_column!r}); give a "
                         "CSV, TSV or JSONL file with both columns")
-    rows = read_inputs(input_path, text_column, text_pair_column)
+    header = bool(config.data.get("header", True)) if header is None else header
+    rows = read_inputs(input_path, text_column, text_pair_column, header)
     classifier = classifier_of(found)
     logging.info("predict: %d rows of %s with step %d of %s (%s)", len(rows), input_path, classifier.step, workdir,
                  ", ".join(classifier.label_names))

@@ -4,9 +4,10 @@ The classic text-classification CSVs (AG News, DBpedia, Yelp, Yahoo Answers as r
 Zhang et al., 2015) have no header: class index from 1, title, text. Through the builder: the
 rows, the classes (1..4 name their classes), the eval file, a separate preparation from the
 same file read with a header. The errors name the field and the fix. Through the CLI: a run
-trains on such files and `jaxlm eval` reads a headerless eval file.
+trains on such files, `jaxlm eval` reads a headerless eval file and `jaxlm predict` labels one.
 """
 
+import csv
 import json
 
 import pytest
@@ -108,3 +109,20 @@ def test_train_and_eval_headerless_files_through_the_cli(tmp_path, capsys):
     assert again["report"]["confusion_matrix"] == trained["confusion_matrix"]
     assert again["eval/accuracy"] == pytest.approx(trained["accuracy"], abs=1e-12)
     assert again["eval/loss"] == pytest.approx(trained["loss"], rel=1e-5)
+    capsys.readouterr()
+    # jaxlm predict reads a headerless input as the run's data did, and names its columns 1..3.
+    out = tmp_path / "predictions.csv"
+    code = cli.main(["predict", f"--workdir={workdir}", f"--input={evaluation}", f"--output={out}"])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    with open(out, encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["1", "2", "3", "label", "score", "prob_1", "prob_2", "prob_3", "prob_4"]
+    assert len(rows) == 17
+    correct = sum(r[0] == r[3] for r in rows[1:])
+    assert correct / 16 == pytest.approx(trained["accuracy"], abs=1e-12)
+    # A headerless input read with a header: one line naming --header.
+    code = cli.main(["predict", f"--workdir={workdir}", f"--input={evaluation}", f"--output={tmp_path / 'p2.csv'}",
+                     "--header=true"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("jaxlm: error: ") and "--header=false" in err[-1], err[-3:]
+    assert not (tmp_path / "p2.csv").exists()

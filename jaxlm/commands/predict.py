@@ -22,6 +22,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                                                           "data.text_column)")
     parser.add_argument("--text_pair_column", default="", help="second text column of a pair classifier "
                                                                "(default: the run's data.text_pair_column)")
+    parser.add_argument("--header", default="", choices=("", "true", "false"),
+                        help="false: a CSV/TSV --input without a header line, its columns numbered from 1 "
+                             "(default: as the run's data.header)")
     parser.add_argument("--batch_size", type=int, default=64, help="rows per forward pass")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
 
@@ -36,7 +39,7 @@ def run(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     classifier, predictions = predict.run_predict(
         args.workdir, args.input, args.output, overrides, step=args.step, best=args.best,
         text_column=args.text_column, text_pair_column=args.text_pair_column, batch_size=args.batch_size,
-        overwrite=args.overwrite)
+        overwrite=args.overwrite, header={"": None, "true": True, "false": False}[args.header])
     counts = np.bincount(predictions.labels, minlength=len(classifier.label_names))
     summary = ", ".join(f"{name} {count}" for name, count in zip(classifier.label_names, counts))
     print(f"labelled {len(predictions.labels)} rows with step {classifier.step} ({summary}); wrote {args.output}",
