@@ -117,7 +117,7 @@ FIELDS: dict[str, tuple[Any, str]] = {
     "data.num_labels": (0, "classification: number of classes (0 = from the data)"),
     "data.label_kind": ("", "classification: integer (class indices) | name ('': indices if the train labels are "
                         "integers from 0; integers from 1 (1..5 stars) or -1/1 name their classes)"),
-    "data.file_format": ("auto", "classification files: auto (by extension) | csv | tsv | jsonl"),
+    "data.file_format": ("auto", "classification files: auto (by extension) | csv | tsv | jsonl | parquet"),
     "data.header": (True, "classification CSV/TSV: the first row names the columns; false: every row is data and "
                     "columns are numbered from 1 (e.g. data.label_column=1 data.text_column=3)"),
     "data.length_buckets": (1, "classification: batch sequence lengths seq_len, seq_len/2, ... (1 = always seq_len)"),

@@ -68,8 +68,8 @@ def _validate_task_fields(config: ml_collections.ConfigDict) -> None:
     if config.data.mixture.strip() and config.task != "causal_lm":
         raise UserError(f"data.mixture mixes causal-LM sources; task={config.task} reads data.train_file or "
                         f"data.tfds_name, so clear data.mixture")
-    if config.data.file_format not in ("auto", "csv", "tsv", "jsonl"):
-        raise UserError(f"data.file_format={config.data.file_format!r}: choose auto, csv, tsv or jsonl")
+    if config.data.file_format not in ("auto", "csv", "tsv", "jsonl", "parquet"):
+        raise UserError(f"data.file_format={config.data.file_format!r}: choose auto, csv, tsv, jsonl or parquet")
     mlm = config.mlm
     if not 0.0 < mlm.mask_rate < 1.0:
         raise UserError(f"mlm.mask_rate={mlm.mask_rate}: must be in (0, 1)")

@@ -38,7 +38,7 @@ from jaxlm.errors import UserError
 from jaxlm.sharded_model import ShardedModel
 
 INPUT_FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",
-                 ".txt": "text", ".text": "text"}
+                 ".parquet": "parquet", ".txt": "text", ".text": "text"}
 OUTPUT_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl"}
 NUM_LENGTH_BUCKETS = 4  # seq_len, seq_len/2, /4, /8: short texts are not padded to the full length.
 PROGRESS_EVERY_SECONDS = 10.0
@@ -66,7 +66,7 @@ def _format_of(path: str, flag: str, formats: dict[str, str], expected: str) -> 
 
 
 def input_format(path: str) -> str:
-    return _format_of(path, "--input", INPUT_FORMATS, "give a .csv, .tsv, .jsonl or .txt (one text per line) file")
+    return _format_of(path, "--input", INPUT_FORMATS, "give a .csv, .tsv, .jsonl, .parquet or .txt (one text per line) file")
 
 
 def output_format(path: str) -> str:
@@ -208,7 +208,8 @@ def write_predictions(path: str, rows: Sequence[InputRow], predictions: Predicti
                 record = {rename.get(k, k): v for k, v in row.values.items()}
                 record.update(label=label_names[label], score=float(probs[label]),
                               **{c: float(p) for c, p in zip(prob_columns, probs)})
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                # default=str: Parquet columns may hold dates or decimals, which JSON has no type for.
+                f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
         else:
             columns = list(dict.fromkeys(k for r in rows for k in r.values))
             writer = csv.writer(f, delimiter="\t" if fmt == "tsv" else ",", lineterminator="\n")
@@ -241,7 +242,7 @@ def run_predict(workdir: str, input_path: str, output_path: str, overrides: dict
         text_pair_column = config.data.text_pair_column  # The run classified pairs: so does predict.
     if text_pair_column and input_format(input_path) == "text":
         raise UserError(f"--input={input_path}: this run classifies text pairs ({text_pair_column!r}); give a "
-                        "CSV, TSV or JSONL file with both columns")
+                        "CSV, TSV, JSONL or Parquet file with both columns")
     header = bool(config.data.get("header", True)) if header is None else header
     rows = read_inputs(input_path, text_column, text_pair_column, header)
     classifier = classifier_of(found)

@@ -7,7 +7,7 @@ from jaxlm.commands import common
 
 NAME = "predict"
 HELP = "label a file of texts with a classification checkpoint"
-DESCRIPTION = ("Classify every row of --input (CSV/TSV/JSONL with a text column, or .txt with one text "
+DESCRIPTION = ("Classify every row of --input (CSV/TSV/JSONL/Parquet with a text column, or .txt with one text "
                "per line) with a classification run's checkpoint. --output (.csv/.tsv/.jsonl) gets the "
                "input's columns plus label (the predicted class name), score (its probability) and "
                "prob_<class> per class. Texts are tokenized and truncated as in training.")
@@ -16,7 +16,7 @@ NEEDS = ("workdir", "input", "output")
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
     common.add_checkpoint_flags(parser)
-    parser.add_argument("--input", required=False, help="file to label: .csv, .tsv, .jsonl or .txt")
+    parser.add_argument("--input", required=False, help="file to label: .csv, .tsv, .jsonl, .parquet or .txt")
     parser.add_argument("--output", required=False, help="new file for the predictions: .csv, .tsv or .jsonl")
     parser.add_argument("--text_column", default="", help="column/key of the text (default: the run's "
                                                           "data.text_column)")

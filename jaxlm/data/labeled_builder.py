@@ -91,6 +91,19 @@ def _examples(files, config, vocab: labels.LabelVocab, source: str = labels.TRAI
         yield _example(path, row, config, vocab, source)
 
 
+def _parquet_class_names(files, config: LabeledFilesConfig) -> tuple[str, ...]:
+    """The label column's class names when every train file is a Hugging Face `datasets` Parquet
+    file that records the same ones (its ClassLabel), else ()."""
+    if any(table_files.file_format(path, config.file_format) != "parquet" for path in files):
+        return ()
+    found = {table_files.class_label_names(path, config.label_column) for path in files}
+    if len(found) != 1 or not next(iter(found)):
+        return ()
+    names = next(iter(found))
+    logging.info("data.label_names from the Parquet files' Hugging Face features: %s", ", ".join(names))
+    return names
+
+
 def _content_hash(config: LabeledFilesConfig) -> str:
     options = {k: v for k, v in dataclasses.asdict(config).items()
                if k not in ("name", "version", "release_notes", "supported_versions", "description",
@@ -132,7 +145,10 @@ def make_labeled_files_config(data_config) -> LabeledFilesConfig:
             _text(row, config.text_pair_column, path)
         raw.append(_raw_label(path, row, config))
         num_rows += 1
-    vocab = labels.build_vocab(raw, names=labels.names_option(data_config.get("label_names", ())),
+    names = labels.names_option(data_config.get("label_names", ()))
+    if not names and data_config.get("label_kind", "") != "integer":
+        names = _parquet_class_names(train_files, config)
+    vocab = labels.build_vocab(raw, names=names,
                                num_labels=int(data_config.get("num_labels", 0) or 0),
                                kind=data_config.get("label_kind", ""))
     config = dataclasses.replace(config, label_names=vocab.names, integer_labels=vocab.integer,

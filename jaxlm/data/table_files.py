@@ -1,9 +1,10 @@
-"""Rows of CSV, TSV and JSONL files (local or gs://), with errors that name the file, row and line.
+"""Rows of CSV, TSV, JSONL and Parquet files (local or gs://), with errors that name the file and row.
 
 CSV and TSV follow RFC 4180 quoting (a quoted field may hold the delimiter, quotes written
 twice, tabs and newlines); the first non-empty record is the header, or, for a file without one
-(header=False), the columns are numbered from 1. JSONL holds one JSON object
-per line. Files must be UTF-8 (a BOM is allowed); anything else is a UserError naming the line.
+(header=False), the columns are numbered from 1. JSONL holds one JSON object per line. Text
+files must be UTF-8 (a BOM is allowed); anything else is a UserError naming the line. Parquet
+(as the Hugging Face Hub stores datasets) is read with pyarrow, which tensorflow-datasets brings.
 """
 
 import csv
@@ -17,9 +18,9 @@ from typing import Any
 from jaxlm.data import bucket_data
 from jaxlm.errors import UserError
 
-FORMATS = ("auto", "csv", "tsv", "jsonl")
+FORMATS = ("auto", "csv", "tsv", "jsonl", "parquet")
 _EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",
-               ".json": "jsonl"}
+               ".json": "jsonl", ".parquet": "parquet"}
 # Long documents (reviews, articles) exceed csv's default 128 KiB field limit.
 csv.field_size_limit(min(2**31 - 1, 64 << 20))
 
@@ -27,11 +28,11 @@ csv.field_size_limit(min(2**31 - 1, 64 << 20))
 @dataclasses.dataclass(frozen=True)
 class Row:
     number: int  # 1-based data row (the header is not counted).
-    line: int  # 1-based line where the row starts.
-    values: dict[str, Any]  # column -> value (str for CSV/TSV; any JSON value for JSONL).
+    line: int  # 1-based line where the row starts (0: a Parquet file has no lines).
+    values: dict[str, Any]  # column -> value (str for CSV/TSV; any JSON or Parquet value otherwise).
 
     def where(self, path: str) -> str:
-        return f"{path}, row {self.number} (line {self.line})"
+        return f"{path}, row {self.number}" + (f" (line {self.line})" if self.line else "")
 
 
 def file_format(path: str, requested: str = "auto") -> str:
@@ -42,17 +43,21 @@ def file_format(path: str, requested: str = "auto") -> str:
     ext = os.path.splitext(path)[1].lower()
     if ext not in _EXTENSIONS:
         raise UserError(f"{path}: cannot tell the format from the extension {ext or '(none)'!r}; "
-                        f"set data.file_format to csv, tsv or jsonl")
+                        f"set data.file_format to csv, tsv, jsonl or parquet")
     return _EXTENSIONS[ext]
+
+
+def read_bytes(path: str) -> bytes:
+    try:
+        with bucket_data.open_binary(path) as f:
+            return f.read()
+    except OSError as e:  # A bucket's errors may have no strerror.
+        raise UserError(f"{path}: cannot read it ({e.strerror or e}); check the path and permissions") from None
 
 
 def read_text(path: str) -> str:
     """The file as text; invalid UTF-8 is a UserError naming the line and byte."""
-    try:
-        with bucket_data.open_binary(path) as f:
-            data = f.read()
-    except OSError as e:  # A bucket's errors may have no strerror.
-        raise UserError(f"{path}: cannot read it ({e.strerror or e}); check the path and permissions") from None
+    data = read_bytes(path)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -139,6 +144,34 @@ def _jsonl_rows(path: str, text: str, columns: dict[str, str]) -> Iterator[Row]:
         raise UserError(f"{path}: empty file (no JSON rows); give a file with one JSON object per line")
 
 
+def _parquet_rows(path: str, columns: dict[str, str]) -> Iterator[Row]:
+    """Rows of a Parquet file, every column (predict writes them back)."""
+    import pyarrow as pa  # pylint: disable=import-outside-toplevel
+    import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+    try:
+        table = pq.read_table(pa.BufferReader(read_bytes(path)))
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"{path}: not a readable Parquet file ({e}); check the file or set data.file_format") from None
+    _check_columns(path, table.column_names, columns, "")
+    for number, values in enumerate(table.to_pylist(), 1):
+        yield Row(number, 0, values)
+
+
+def class_label_names(path: str, column: str) -> tuple[str, ...]:
+    """The class names a Hugging Face `datasets` Parquet file records for `column` (a ClassLabel
+    in its schema metadata: {"info": {"features": {column: {"_type": "ClassLabel", "names": [...]}}}}),
+    or () when it records none."""
+    import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+    try:
+        with bucket_data.open_binary(path) as f:
+            metadata = pq.read_schema(f).metadata or {}
+        feature = json.loads(metadata.get(b"huggingface", b"{}")).get("info", {}).get("features", {}).get(column, {})
+    except (OSError, ValueError, AttributeError):  # Unreadable here: read_rows reports it.
+        return ()
+    names = feature.get("names") if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" else None
+    return tuple(str(n) for n in names) if isinstance(names, list) and names else ()
+
+
 def read_rows(path: str, fmt: str, columns: dict[str, str], header: bool = True,
               header_field: str = "") -> Iterator[Row]:
     """Data rows of one file. `columns` maps config field -> column name (every name must exist).
@@ -147,11 +180,12 @@ def read_rows(path: str, fmt: str, columns: dict[str, str], header: bool = True,
     in the classic headerless text-classification CSVs (label, title, description).
     `header_field` names the option that sets it, for the error messages ('' = none to name).
     """
-    text = read_text(path)
-    if fmt == "jsonl":
-        rows = _jsonl_rows(path, text, columns)
+    if fmt == "parquet":
+        rows = _parquet_rows(path, columns)
+    elif fmt == "jsonl":
+        rows = _jsonl_rows(path, read_text(path), columns)
     else:
-        rows = _delimited_rows(path, text, "\t" if fmt == "tsv" else ",", columns, header, header_field)
+        rows = _delimited_rows(path, read_text(path), "\t" if fmt == "tsv" else ",", columns, header, header_field)
     count = 0
     for row in rows:
         count += 1
