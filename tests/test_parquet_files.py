@@ -76,7 +76,7 @@ def test_parquet_errors_name_the_field_and_the_fix(tmp_path):
     write_hub_parquet(path, 4)
     with pytest.raises(UserError) as e:
         labeled_builder.make_labeled_files_config(data_config(path, text_column="sentence"))
-    assert str(e.value) == (f"{path}: no column 'sentence' (the header has 'id', 'text', 'label'); "
+    assert str(e.value) == (f"{path}: no column 'sentence' (the file has 'id', 'text', 'label'); "
                             "set data.text_column to one of them")
     broken = tmp_path / "broken.parquet"
     broken.write_text("text,label\na,0\n")

@@ -68,13 +68,14 @@ def read_text(path: str) -> str:
     return text[1:] if text.startswith("\ufeff") else text
 
 
-def _check_columns(path: str, header: Sequence[str], columns: dict[str, str], header_field: str) -> None:
+def _check_columns(path: str, header: Sequence[str], columns: dict[str, str], header_field: str,
+                   holder: str = "the header") -> None:
     for field, column in columns.items():
         if column and column not in header:
             have = ", ".join(repr(h) for h in header) or "none"
             hint = (f" (a file without a header line: {header_field}=false, columns numbered from 1)"
                     if header_field else "")
-            raise UserError(f"{path}: no column {column!r} (the header has {have}); "
+            raise UserError(f"{path}: no column {column!r} ({holder} has {have}); "
                             f"set {field} to one of them{hint}")
 
 
@@ -152,7 +153,7 @@ def _parquet_rows(path: str, columns: dict[str, str]) -> Iterator[Row]:
         table = pq.read_table(pa.BufferReader(read_bytes(path)))
     except (pa.ArrowException, OSError) as e:
         raise UserError(f"{path}: not a readable Parquet file ({e}); check the file or set data.file_format") from None
-    _check_columns(path, table.column_names, columns, "")
+    _check_columns(path, table.column_names, columns, "", holder="the file")
     for number, values in enumerate(table.to_pylist(), 1):
         yield Row(number, 0, values)
 
