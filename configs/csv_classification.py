@@ -1,5 +1,5 @@
-"""Text classification from a local CSV (or TSV / JSONL) file: a text column and a label column
-with integer labels or names such as positive/negative. A small encoder from scratch, with the
+"""Text classification from a local CSV (or TSV / JSONL / Parquet) file: a text column and a label
+column with integer labels or names such as positive/negative. A small encoder from scratch, with the
 run's own BPE tokenizer; or fine-tune a pretrained model with --config.init_from.
 
     jaxlm train --config=configs/csv_classification.py --workdir=runs/reviews \\
@@ -28,7 +28,9 @@ matrix, and DIR/best/ the params of the best eval/f1. Integer labels from 0 are 
 (named by data.label_names if given, as SST-2's 0/1 by configs/sst2.py); integers that start
 elsewhere (1..4 of a news-topic CSV, 1..5 stars) are the names of their classes; config.json records
 the kind (data.label_kind), so a later `jaxlm eval --config.data.eval_file=...` maps integer or
-name labels of another file exactly as training did.
+name labels of another file exactly as training did. A Hugging Face Hub Parquet file's ClassLabel
+names its integer labels. A CSV without a header line takes --config.data.header=false and
+columns by number: --config.data.label_column=1 --config.data.text_column=2.
 
 `:runlocal` (a 1-layer encoder, sequences of 16 tokens, 80 steps) on the 2-class rule-based
 reviews that tests/test_classification.py writes (400 train, 61 eval rows):

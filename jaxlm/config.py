@@ -91,7 +91,7 @@ FIELDS: dict[str, tuple[Any, str]] = {
     "optim.decay_embeddings": (False, "apply weight decay to embeddings too"),
     "optim.decay_norms_and_biases": (False, "apply weight decay to norm scales and biases too"),
 
-    "data.train_file": ("", "local file(s): path, glob or comma-separated list (classification: CSV/TSV/JSONL)"),
+    "data.train_file": ("", "local file(s): path, glob or comma-separated list (classification: CSV/TSV/JSONL/Parquet)"),
     "data.eval_file": ("", "held-out file(s); empty: hold out the end of the train files (or random rows)"),
     "data.eval_fraction": (0.1, "fraction of documents held out when there is no eval_file"),
     "data.doc_split": ("blank_line", "blank_line | line | file: what counts as one document"),
