@@ -32,7 +32,9 @@ def export_run(workdir: str, out_dir: str, overrides: dict[str, str], step: Opti
     family = match_family(config_lib.model_config(found.config))
     check_out_dir(out_dir)
     run = found.open()
-    export_hf(run.model.model_config, run.params, out_dir, family=family, tokenizer=run.tokenizer)
+    names = found.config.data.get("label_names", ()) if found.config.task == "classification" else ()
+    export_hf(run.model.model_config, run.params, out_dir, family=family, tokenizer=run.tokenizer,
+              label_names=tuple(names or ()))
     return ExportResult(run.step, family, out_dir, io.list_dir(out_dir))
 
 

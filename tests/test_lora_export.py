@@ -1,7 +1,8 @@
 """LoRA in the Hugging Face PEFT format (jaxlm/peft/hf_format.py, jaxlm/peft/export.py), on the real
 MiniLM: `export --adapters_only` of a run with peft.dropout=0.1 writes lora_dropout 0.1 and loads
 with peft onto transformers' AutoModelForSequenceClassification with jaxlm's (eval-mode) logits
-(1e-4), the merged export too; a LoRA made by peft imports (init_from=its directory) with peft's
+(1e-4), the merged export too, its config.json naming the run's classes (id2label); a LoRA made by
+peft imports (init_from=its directory) with peft's
 logits.
 """
 
@@ -93,6 +94,8 @@ def test_peft_export_loads_with_peft_onto_transformers_with_jaxlm_logits(minilm_
     base = transformers.AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2)
     with_adapters = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapters")).eval()
     merged = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged")).eval()
+    assert merged.config.id2label == {0: "negative", 1: "positive"}  # the run's classes, for pipelines
+    assert merged.config.label2id == {"negative": 0, "positive": 1}
     assert np.abs(want).max() > 1e-2
     np.testing.assert_allclose(torch_logits(with_adapters, ids, mask), want, atol=1e-4, rtol=0)
     np.testing.assert_allclose(torch_logits(merged, ids, mask), want, atol=1e-4, rtol=0)

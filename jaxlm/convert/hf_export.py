@@ -18,7 +18,7 @@ import os
 import shutil
 import stat
 import tempfile
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 from flax import linen as nn
@@ -68,16 +68,18 @@ def _architecture(family: str, params: dict) -> tuple[str, str]:
 
 
 def export_hf(cfg: ModelConfig, params: dict, out_dir: str, family: Optional[str] = None,
-              tokenizer: Any = None) -> str:
+              tokenizer: Any = None, label_names: Sequence[str] = ()) -> str:
     """Write `out_dir` (local or gs://)/config.json + model.safetensors (+ the tokenizer's files).
     Returns out_dir.
 
     params: Model params ({'body': ..., head params}) or a bare body; boxed or not, any dtype
     (written as float32). family: None to infer it with `match_family`, else checked.
+    label_names: a classifier's class names in index order, for config.json's id2label (so
+    transformers' pipelines print them); () writes LABEL_0, LABEL_1, ...
     """
     out_dir = os.fspath(out_dir)
     if io.is_remote(out_dir):
-        return _export_to_bucket(cfg, params, out_dir, family, tokenizer)
+        return _export_to_bucket(cfg, params, out_dir, family, tokenizer, label_names)
     if family is None:
         family = match_family(cfg)
     elif family not in fam.FAMILIES:
@@ -152,8 +154,11 @@ def export_hf(cfg: ModelConfig, params: dict, out_dir: str, family: Optional[str
         write(layout.heads["pooler"], cls["pooler"], "cls_head/pooler")
         write(layout.heads["classifier"], cls.get("classifier", {}), "cls_head/classifier")
         labels = int(cls["classifier"]["kernel"].shape[1])
-        hf_config["id2label"] = {str(i): f"LABEL_{i}" for i in range(labels)}
-        hf_config["label2id"] = {f"LABEL_{i}": i for i in range(labels)}
+        names = [str(n) for n in label_names]
+        if len(names) != labels or len(set(names)) != labels:  # No names (or not one per output).
+            names = [f"LABEL_{i}" for i in range(labels)]
+        hf_config["id2label"] = {str(i): name for i, name in enumerate(names)}
+        hf_config["label2id"] = {name: i for i, name in enumerate(names)}
     hf_config["architectures"] = [arch]
     hf_config["dtype"] = "float32"
     generation = None
@@ -189,7 +194,8 @@ def export_hf(cfg: ModelConfig, params: dict, out_dir: str, family: Optional[str
     return out_dir
 
 
-def _export_to_bucket(cfg: ModelConfig, params: dict, out_dir: str, family: Optional[str], tokenizer: Any) -> str:
+def _export_to_bucket(cfg: ModelConfig, params: dict, out_dir: str, family: Optional[str], tokenizer: Any,
+                      label_names: Sequence[str]) -> str:
     """export_hf into local scratch (JAXLM_CACHE_DIR/exports/), then uploaded. A bucket has no
     directory rename, so model.safetensors goes last: a directory without it is an upload cut short."""
     if io.exists(io.path(out_dir) / INDEX):
@@ -198,7 +204,7 @@ def _export_to_bucket(cfg: ModelConfig, params: dict, out_dir: str, family: Opti
     os.makedirs(parent, exist_ok=True)
     scratch = tempfile.mkdtemp(prefix="hf-", dir=parent)
     try:
-        export_hf(cfg, params, scratch, family=family, tokenizer=tokenizer)
+        export_hf(cfg, params, scratch, family=family, tokenizer=tokenizer, label_names=label_names)
         io.copy_tree(scratch, out_dir, last=WEIGHTS)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
