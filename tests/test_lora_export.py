@@ -2,8 +2,7 @@
 MiniLM: `export --adapters_only` of a run with peft.dropout=0.1 writes lora_dropout 0.1 and loads
 with peft onto transformers' AutoModelForSequenceClassification with jaxlm's (eval-mode) logits
 (1e-4), the merged export too, its config.json naming the run's classes (id2label); a LoRA made by
-peft imports (init_from=its directory) with peft's
-logits.
+peft imports (init_from=its directory) with peft's logits.
 """
 
 import json
