@@ -22,7 +22,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                                                           "data.text_column)")
     parser.add_argument("--text_pair_column", default="", help="second text column of a pair classifier "
                                                                "(default: the run's data.text_pair_column)")
-    parser.add_argument("--header", default="", choices=("", "true", "false"),
+    parser.add_argument("--header", default="", choices=("", "true", "false"), metavar="true|false",
                         help="false: a CSV/TSV --input without a header line, its columns numbered from 1 "
                              "(default: as the run's data.header)")
     parser.add_argument("--batch_size", type=int, default=64, help="rows per forward pass")
