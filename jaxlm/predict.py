@@ -32,7 +32,7 @@ from jaxlm import io
 from jaxlm import run as run_lib
 from jaxlm import sharding
 from jaxlm.compat import mesh_context
-from jaxlm.data import example_loader, table_files
+from jaxlm.data import compressed, example_loader, table_files
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.errors import UserError
 from jaxlm.sharded_model import ShardedModel
@@ -66,7 +66,12 @@ def _format_of(path: str, flag: str, formats: dict[str, str], expected: str) -> 
 
 
 def input_format(path: str) -> str:
-    return _format_of(path, "--input", INPUT_FORMATS, "give a .csv, .tsv, .jsonl, .parquet or .txt (one text per line) file")
+    """The --input's format; a compressed file (reviews.csv.gz) by the extension before its suffix."""
+    ext = os.path.splitext(compressed.without_suffix(path))[1].lower()
+    if ext not in INPUT_FORMATS:
+        raise UserError(f"--input={path}: unknown format {ext or '(no extension)'!r}; give a .csv, .tsv, .jsonl, "
+                        ".parquet or .txt (one text per line) file, or one of them compressed (.gz, .bz2, .xz, .zst)")
+    return INPUT_FORMATS[ext]
 
 
 def output_format(path: str) -> str:

@@ -1,4 +1,5 @@
-"""Rows of CSV, TSV, JSONL and Parquet files (local or gs://), with errors that name the file and row.
+"""Rows of CSV, TSV, JSONL and Parquet files (local or gs://; CSV, TSV and JSONL may be compressed,
+.gz/.bz2/.xz/.zst), with errors that name the file and row.
 
 CSV and TSV follow RFC 4180 quoting (a quoted field may hold the delimiter, quotes written
 twice, tabs and newlines); the first non-empty record is the header, or, for a file without one
@@ -15,7 +16,7 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from jaxlm.data import bucket_data
+from jaxlm.data import bucket_data, compressed
 from jaxlm.errors import UserError
 
 FORMATS = ("auto", "csv", "tsv", "jsonl", "parquet")
@@ -40,7 +41,7 @@ def file_format(path: str, requested: str = "auto") -> str:
         raise UserError(f"data.file_format={requested!r}: choose one of {', '.join(FORMATS)}")
     if requested != "auto":
         return requested
-    ext = os.path.splitext(path)[1].lower()
+    ext = os.path.splitext(compressed.without_suffix(path))[1].lower()  # reviews.csv.gz: csv
     if ext not in _EXTENSIONS:
         raise UserError(f"{path}: cannot tell the format from the extension {ext or '(none)'!r}; "
                         f"set data.file_format to csv, tsv, jsonl or parquet")
@@ -48,11 +49,13 @@ def file_format(path: str, requested: str = "auto") -> str:
 
 
 def read_bytes(path: str) -> bytes:
+    """The file's bytes, decompressed if its name ends in .gz, .bz2, .xz or .zst."""
     try:
-        with bucket_data.open_binary(path) as f:
+        with compressed.open_decompressed(path) as f:
             return f.read()
-    except OSError as e:  # A bucket's errors may have no strerror.
-        raise UserError(f"{path}: cannot read it ({e.strerror or e}); check the path and permissions") from None
+    except compressed.read_errors() as e:  # A bucket's errors may have no strerror.
+        raise UserError(f"{path}: cannot read it ({getattr(e, 'strerror', None) or e}); check the path, "
+                        "permissions and that the file is complete") from None
 
 
 def read_text(path: str) -> str:
