@@ -94,8 +94,9 @@ FIELDS: dict[str, tuple[Any, str]] = {
     "data.train_file": ("", "local file(s): path, glob or comma-separated list (classification: CSV/TSV/JSONL/Parquet)"),
     "data.eval_file": ("", "held-out file(s); empty: hold out the end of the train files (or random rows)"),
     "data.eval_fraction": (0.1, "fraction of documents held out when there is no eval_file"),
-    "data.doc_split": ("blank_line", "blank_line | line | file | jsonl (a JSON object per line, its 'text') | "
-                       "jsonl:KEY: what counts as one document; .gz/.bz2/.xz/.zst files are read compressed"),
+    "data.doc_split": ("blank_line", "blank_line | line | file | jsonl (a JSON object per line or a Parquet "
+                       "row, its 'text') | jsonl:KEY: what counts as one document; .gz/.bz2/.xz/.zst files are "
+                       "read compressed"),
     "data.tfds_name": ("", "a prepared tfds dataset by name (lm1b, c4/en, ...) instead of files"),
     "data.text_key": ("text", "feature holding the text in a tfds dataset"),
     "data.train_split": ("train", "tfds split to train on"),

@@ -1,8 +1,10 @@
-"""Corpora as they ship: compressed files (.gz, .bz2, .xz, .zst) and JSON lines (doc_split=jsonl).
+"""Corpora as they ship: compressed files (.gz, .bz2, .xz, .zst), JSON lines and Parquet rows
+(doc_split=jsonl).
 
 Prepared LM datasets from a compressed copy hold the same documents as from the plain file; a
 JSON-lines corpus (C4's {"text": ...} per line, or another key with jsonl:KEY) gives one document
-per line; a classification CSV and a predict input may be compressed too. Errors: a truncated
+per line, a Parquet corpus (FineWeb's layout) one per row; a classification CSV may be
+compressed too. Errors: a truncated
 stream, a line that is not JSON, a missing key, an unknown doc_split, each one line naming the
 file and the fix. Through the CLI: `jaxlm prepare` of a .jsonl.zst corpus.
 """
@@ -13,6 +15,8 @@ import json
 import lzma
 import os
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import zstandard
 
@@ -63,6 +67,25 @@ def test_json_lines_give_one_document_per_line_under_their_key(tmp_path):
     # The key is part of what identifies the preparation.
     assert (text_builder.make_text_files_config(str(stack), "", 0.25, "jsonl").name
             != text_builder.make_text_files_config(str(stack), "", 0.25, "jsonl:content").name)
+
+
+def test_parquet_rows_are_documents(tmp_path):
+    corpus = tmp_path / "000_00000.parquet"  # FineWeb's layout: text, id, dump, url, ...
+    table = pa.table({"id": [f"<urn:{i}>" for i in range(len(DOCS) + 1)], "text": DOCS[:2] + [None] + DOCS[2:],
+                      "url": ["https://example.org"] * (len(DOCS) + 1)})
+    pq.write_table(table, corpus, row_group_size=2)  # several row groups, read one at a time
+    _, prepared = prepare(tmp_path, str(corpus), "jsonl", "fineweb")
+    assert texts(prepared, "train") + texts(prepared, "validation") == DOCS  # the null text: an empty document
+    assert prepared.report["splits"]["train"]["empty_dropped"] + \
+        prepared.report["splits"]["validation"]["empty_dropped"] == 1
+    with pytest.raises(UserError) as e:
+        prepare(tmp_path, str(corpus), "blank_line")
+    assert str(e.value) == (f"data.train_file: {corpus} is a Parquet file: its rows are documents; set "
+                            "data.doc_split=jsonl (the 'text' column) or jsonl:COLUMN")
+    with pytest.raises(UserError) as e:
+        prepare(tmp_path, str(corpus), "jsonl:content")
+    assert str(e.value) == (f"data.train_file: {corpus}: no column 'content' (the file has 'id', 'text', 'url'); "
+                            "set data.doc_split=jsonl:COLUMN to the column that holds the text")
 
 
 def test_corpus_errors_name_the_file_and_the_fix(tmp_path):

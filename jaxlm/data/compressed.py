@@ -63,3 +63,29 @@ def open_decompressed(path: str, field: str = "") -> Iterator[IO[bytes]]:
             yield io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
         else:
             yield raw
+
+
+def read_lines(path: str, field: str) -> Iterator[str]:
+    """Yields the file's lines without line endings (LF or CRLF), rejecting invalid UTF-8. A
+    compressed file (.gz, .bz2, .xz, .zst) is decompressed as it is read."""
+    with open_decompressed(path, field) as f:  # A local file or a gs:// object, streamed.
+        line_number = 0
+        while True:
+            try:
+                raw = next(f, None)
+            except read_errors() as e:  # A corrupt or truncated compressed stream.
+                raise UserError(f"{field}: {path}: cannot read past line {line_number} ({e}); check that the "
+                                "file is complete") from None
+            if raw is None:
+                return
+            line_number += 1
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(
+                    f"{field}: {path} line {line_number}: invalid UTF-8 (byte {e.start + 1} of the"
+                    " line); re-encode the file as UTF-8"
+                ) from None
+            if line_number == 1:
+                line = line.removeprefix("\ufeff")  # A UTF-8 byte order mark is not text.
+            yield line.rstrip("\r\n")

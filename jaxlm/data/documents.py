@@ -6,84 +6,32 @@ the same order, which is what lets a prepared dataset be identified by a content
 
 import dataclasses
 import hashlib
-import json
 import unicodedata
 from collections.abc import Iterator, Sequence
 
-from jaxlm.data import compressed
+from jaxlm.data import compressed, records
 from jaxlm.errors import UserError
 
 DOC_SPLITS = ("blank_line", "line", "file", "jsonl")
-JSONL_KEY = "text"  # doc_split=jsonl: each line's JSON object holds its document here (C4, The Pile)
+JSONL_KEY = "text"  # doc_split=jsonl: where a record holds its document (C4, The Pile, FineWeb)
 
 
 def check_doc_split(doc_split: str) -> None:
     kind, _, key = doc_split.partition(":")
     if kind not in DOC_SPLITS or (key and kind != "jsonl") or (kind == "jsonl" and doc_split.endswith(":")):
         raise UserError(f"data.doc_split={doc_split!r} is invalid; use one of {', '.join(DOC_SPLITS)} "
-                        "(jsonl:KEY for JSON lines whose text is under KEY)")
-
-
-def _read_lines(path: str, field: str) -> Iterator[str]:
-    """Yields the file's lines without line endings (LF or CRLF), rejecting invalid UTF-8. A
-    compressed file (.gz, .bz2, .xz, .zst) is decompressed as it is read."""
-    with compressed.open_decompressed(path, field) as f:  # A local file or a gs:// object, streamed.
-        line_number = 0
-        while True:
-            try:
-                raw = next(f, None)
-            except compressed.read_errors() as e:  # A corrupt or truncated compressed stream.
-                raise UserError(f"{field}: {path}: cannot read past line {line_number} ({e}); check that the "
-                                "file is complete") from None
-            if raw is None:
-                return
-            line_number += 1
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(
-                    f"{field}: {path} line {line_number}: invalid UTF-8 (byte {e.start + 1} of the"
-                    " line); re-encode the file as UTF-8"
-                ) from None
-            if line_number == 1:
-                line = line.removeprefix("\ufeff")  # A UTF-8 byte order mark is not text.
-            yield line.rstrip("\r\n")
-
-
-def _json_documents(path: str, key: str, field: str) -> Iterator[str]:
-    """The `key` string of each non-blank line's JSON object."""
-    for line_number, line in enumerate(_read_lines(path, field), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as e:
-            raise UserError(f"{field}: {path} line {line_number}: not valid JSON ({e}); data.doc_split=jsonl "
-                            "reads one JSON object per line") from None
-        if not isinstance(record, dict) or key not in record:
-            have = ", ".join(repr(k) for k in record) if isinstance(record, dict) else type(record).__name__
-            raise UserError(f"{field}: {path} line {line_number}: no key {key!r} (the line has {have}); "
-                            f"set data.doc_split=jsonl:KEY to the key that holds the text")
-        text = record[key]
-        if not isinstance(text, str):
-            raise UserError(f"{field}: {path} line {line_number}: {key!r} holds {type(text).__name__}, not text")
-        yield text
+                        "(jsonl: JSON lines or Parquet rows, their 'text'; jsonl:KEY for another key)")
 
 
 def raw_documents(path: str, doc_split: str, field: str) -> Iterator[str]:
     """Yields the file's documents before cleaning (they may be empty or whitespace only)."""
     kind, _, key = doc_split.partition(":")
-    if kind == "jsonl":
-        found = False
-        for text in _json_documents(path, key or JSONL_KEY, field):
-            found = True
-            yield text
-        if not found:
-            raise UserError(f"{field}: {path} is empty (no JSON lines); remove it from {field} or add text")
+    if kind == "jsonl" or records.is_parquet(path):
+        yield from records.documents(path, kind, key or JSONL_KEY, field)
         return
     has_text = False
     lines: list[str] = []
-    for line in _read_lines(path, field):
+    for line in compressed.read_lines(path, field):
         blank = not line.strip()
         has_text = has_text or not blank
         if doc_split == "line":
