@@ -22,7 +22,7 @@ def documents(path: str, kind: str, key: str, field: str) -> Iterator[str]:
     (a Parquet file needs jsonl: its rows are records, not lines of text)."""
     if is_parquet(path) and kind != "jsonl":
         raise UserError(f"{field}: {path} is a Parquet file: its rows are documents; set data.doc_split=jsonl "
-                        f"(the 'text' column) or jsonl:COLUMN")
+                        "(the 'text' column) or jsonl:COLUMN")
     found = False
     for text in (_parquet_texts if is_parquet(path) else _json_texts)(path, key, field):
         found = True
@@ -43,7 +43,7 @@ def _json_texts(path: str, key: str, field: str) -> Iterator[str]:
         if not isinstance(record, dict) or key not in record:
             have = ", ".join(repr(k) for k in record) if isinstance(record, dict) else type(record).__name__
             raise UserError(f"{field}: {path} line {line_number}: no key {key!r} (the line has {have}); "
-                            f"set data.doc_split=jsonl:KEY to the key that holds the text")
+                            "set data.doc_split=jsonl:KEY to the key that holds the text")
         yield _text(record[key], f"{path} line {line_number}", key, field)
 
 
