@@ -63,7 +63,7 @@ class _ReadFile(beam.DoFn):
         count = 0
         try:
             for count, raw in enumerate(documents.raw_documents(path, self._doc_split, _FIELD[group]), 1):
-                progress.advance(1, len(raw.encode("utf-8")))
+                progress.advance(1, documents.progress_bytes(path, raw))
                 yield group, file_index, count - 1, documents.clean_document(raw)
         except UserError as e:
             raise _as_worker_error(e) from None

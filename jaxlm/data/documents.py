@@ -23,6 +23,12 @@ def check_doc_split(doc_split: str) -> None:
                         "(jsonl: JSON lines or Parquet rows, their 'text'; jsonl:KEY for another key)")
 
 
+def progress_bytes(path: str, text: str) -> int:
+    """What a document adds to a Progress over file sizes: its bytes where they are the file's,
+    0 in a compressed or Parquet file (whose size is not its text's; the count moves per file)."""
+    return 0 if compressed.suffix(path) or records.is_parquet(path) else len(text.encode("utf-8"))
+
+
 def raw_documents(path: str, doc_split: str, field: str) -> Iterator[str]:
     """Yields the file's documents before cleaning (they may be empty or whitespace only)."""
     kind, _, key = doc_split.partition(":")
@@ -141,7 +147,7 @@ def clean_documents(
             in_plan = index >= plan.start and (plan.stop is None or index < plan.stop)
             index += 1
             if progress is not None:
-                progress.advance(1, len(raw.encode("utf-8")))
+                progress.advance(1, progress_bytes(path, raw))
             if not in_plan:
                 continue
             text = clean_document(raw)
