@@ -1,6 +1,6 @@
 """Text classification from a local CSV (or TSV / JSONL / Parquet) file: a text column and a label
-column with integer labels or names such as positive/negative. A small encoder from scratch, with the
-run's own BPE tokenizer; or fine-tune a pretrained model with --config.init_from.
+column with integer labels or names such as positive/negative. A small encoder from scratch, with
+the run's own BPE tokenizer; or fine-tune a pretrained model with --config.init_from.
 
     jaxlm train --config=configs/csv_classification.py --workdir=runs/reviews \\
         --config.data.train_file=reviews.csv --config.data.text_column=review \\
