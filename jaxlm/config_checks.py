@@ -9,6 +9,7 @@ from absl import logging
 
 from jaxlm import io
 from jaxlm.config import check_known_fields
+from jaxlm.data import table_files
 from jaxlm.errors import UserError
 from jaxlm.models.config import ModelConfig
 from jaxlm.tasks import task_names
@@ -68,8 +69,8 @@ def _validate_task_fields(config: ml_collections.ConfigDict) -> None:
     if config.data.mixture.strip() and config.task != "causal_lm":
         raise UserError(f"data.mixture mixes causal-LM sources; task={config.task} reads data.train_file or "
                         f"data.tfds_name, so clear data.mixture")
-    if config.data.file_format not in ("auto", "csv", "tsv", "jsonl", "parquet"):
-        raise UserError(f"data.file_format={config.data.file_format!r}: choose auto, csv, tsv, jsonl or parquet")
+    if config.data.file_format not in table_files.FORMATS:  # Checked before anything is written.
+        raise UserError(f"data.file_format={config.data.file_format!r}: choose {', '.join(table_files.FORMATS)}")
     mlm = config.mlm
     if not 0.0 < mlm.mask_rate < 1.0:
         raise UserError(f"mlm.mask_rate={mlm.mask_rate}: must be in (0, 1)")
