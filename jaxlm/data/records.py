@@ -7,7 +7,7 @@ is read a row group at a time, only the text column.
 import json
 from collections.abc import Iterator
 
-from jaxlm.data import bucket_data, compressed
+from jaxlm.data import bucket_data, compressed, table_files
 from jaxlm.errors import UserError
 
 _PARQUET_BATCH_ROWS = 1024
@@ -48,14 +48,9 @@ def _json_texts(path: str, key: str, field: str) -> Iterator[str]:
 
 
 def _parquet_texts(path: str, key: str, field: str) -> Iterator[str]:
-    import pyarrow as pa  # pylint: disable=import-outside-toplevel  (a tensorflow-datasets dependency)
-    import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
     with bucket_data.open_binary(path) as f:
-        try:
-            table = pq.ParquetFile(f)
-            columns = table.schema_arrow.names
-        except (pa.ArrowException, OSError) as e:
-            raise UserError(f"{field}: {path}: not a readable Parquet file ({e})") from None
+        table = table_files.parquet_file(f, f"{field}: {path}")
+        columns = table.schema_arrow.names
         if key not in columns:
             raise UserError(f"{field}: {path}: no column {key!r} (the file has {', '.join(map(repr, columns))}); "
                             "set data.doc_split=jsonl:COLUMN to the column that holds the text")

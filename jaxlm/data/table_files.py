@@ -148,14 +148,21 @@ def _jsonl_rows(path: str, text: str, columns: dict[str, str]) -> Iterator[Row]:
         raise UserError(f"{path}: empty file (no JSON rows); give a file with one JSON object per line")
 
 
+def parquet_file(source: Any, where: str, fix: str = "check the file"):
+    """A pyarrow ParquetFile over `source` (a seekable file or a pyarrow buffer); an unreadable
+    one is a UserError that starts with `where` and ends with `fix`."""
+    import pyarrow as pa  # pylint: disable=import-outside-toplevel  (a tensorflow-datasets dependency)
+    import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+    try:
+        return pq.ParquetFile(source)
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"{where}: not a readable Parquet file ({e}); {fix}") from None
+
+
 def _parquet_rows(path: str, columns: dict[str, str]) -> Iterator[Row]:
     """Rows of a Parquet file, every column (predict writes them back)."""
     import pyarrow as pa  # pylint: disable=import-outside-toplevel
-    import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
-    try:
-        table = pq.read_table(pa.BufferReader(read_bytes(path)))
-    except (pa.ArrowException, OSError) as e:
-        raise UserError(f"{path}: not a readable Parquet file ({e}); check the file or set data.file_format") from None
+    table = parquet_file(pa.BufferReader(read_bytes(path)), path, "check the file or set data.file_format").read()
     _check_columns(path, table.column_names, columns, "", holder="the file")
     for number, values in enumerate(table.to_pylist(), 1):
         yield Row(number, 0, values)
@@ -165,12 +172,11 @@ def class_label_names(path: str, column: str) -> tuple[str, ...]:
     """The class names a Hugging Face `datasets` Parquet file records for `column` (a ClassLabel
     in its schema metadata: {"info": {"features": {column: {"_type": "ClassLabel", "names": [...]}}}}),
     or () when it records none."""
-    import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
     try:
         with bucket_data.open_binary(path) as f:
-            metadata = pq.read_schema(f).metadata or {}
+            metadata = parquet_file(f, path).schema_arrow.metadata or {}
         feature = json.loads(metadata.get(b"huggingface", b"{}")).get("info", {}).get("features", {}).get(column, {})
-    except (OSError, ValueError, AttributeError):  # Unreadable here: read_rows reports it.
+    except (UserError, OSError, ValueError, AttributeError):  # Unreadable here: read_rows reports it.
         return ()
     names = feature.get("names") if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" else None
     return tuple(str(n) for n in names) if isinstance(names, list) and names else ()
