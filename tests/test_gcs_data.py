@@ -5,6 +5,8 @@ JAXLM_CACHE_DIR is that host's disk; only the bucket is shared.
 - kill -9 at a random step after the first checkpoint, with the run and its prepared data on the
   bucket; the rerun, on a fresh host (empty cache), stages the dataset from the bucket and logs
   every step's train/loss bitwise as the uninterrupted local run (local workdir and data_dir).
+  The run directory on the bucket has what a local one has: config.json, the tokenizer,
+  checkpoints, best/, the eval report, jaxlm.log and TensorBoard events with every step's loss.
 - train files from a bucket glob: the same prepared dataset (content hash) and the same losses as
   the local file; comma-separated local + bucket mixes hash as the same bytes locally.
 - a classification CSV on a bucket, prepared into a bucket data_dir: the rows the local one gives.
@@ -19,15 +21,18 @@ import random
 import subprocess
 import sys
 
+import jax
 import ml_collections
+import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from cli_runner import REPO, cli_env, losses, run_cli
 from gcs_server import gcs  # noqa: F401  (the module-scoped fixture)
 from sample_data import write_reviews
-from test_gcs_runs import STEPS, bucket_losses, kill9_when, train_args
+from test_gcs_runs import STEPS, bucket_losses, kill9_when, tensorboard_losses, train_args
 
-from jaxlm import io
+from jaxlm import io, restore
+from jaxlm import run as run_lib
 from jaxlm.data import bucket_data, builders, classification_data, corpora, sources
 from jaxlm.errors import UserError
 
@@ -84,6 +89,7 @@ def test_kill9_with_data_on_a_bucket_then_rerun_on_a_fresh_host_is_bitwise_the_l
     for step in range(1, STEPS + 1):  # Bitwise: the JSON floats are the float32 losses, exactly.
         assert got[step] == want[step], f"step {step} differs after a kill at {logged_before_kill}"
     assert bucket_losses(gcs, workdir, "eval/loss") == losses(local_run[0], "eval/loss")
+    assert_run_dir_is_the_local_ones(gcs, workdir, local_run[0], tmp_path / "events")
 
     # The fresh host staged its own copy from the bucket: the same bytes as the bucket's objects,
     # and the shards are the local preparation's.
@@ -102,6 +108,39 @@ def test_kill9_with_data_on_a_bucket_then_rerun_on_a_fresh_host_is_bitwise_the_l
     assert not [n for n in gcs.object_names(data_dir) if "token_cache" in n]
     host_caches = [f for _, _, files in os.walk(fresh_host / "bucket_data") for f in files if f.endswith(".npy")]
     assert len(host_caches) == 1, host_caches  # The eval split's, for the final evaluation.
+
+
+def assert_run_dir_is_the_local_ones(gcs, workdir, local_workdir, scratch):  # noqa: F811
+    """A killed-and-rerun run on the bucket holds what the uninterrupted local run holds."""
+    with gcs.environ():
+        records = io.read_jsonl(f"{workdir}/metrics.jsonl")
+        assert [r["step"] for r in records] == list(range(1, STEPS + 1)), "each step once, in order"
+        saved, local = io.read_json(f"{workdir}/config.json"), io.read_json(os.path.join(local_workdir, "config.json"))
+        assert saved["data"].pop("data_dir") != local["data"].pop("data_dir") and saved == local
+        assert io.read_bytes(f"{workdir}/tokenizer/tokenizer.json") == io.read_bytes(
+            os.path.join(local_workdir, "tokenizer", "tokenizer.json"))
+        assert restore.checkpoint_steps(workdir) == restore.checkpoint_steps(local_workdir) == [10, 15, 20]
+        assert io.read_json(f"{workdir}/eval_report.json") == io.read_json(os.path.join(local_workdir, "eval_report.json"))
+        # best/ (orbax, synchronous) and best.json; the params read back from the bucket as a
+        # finished run is opened (config.json, the tokenizer's local copy, a partial restore).
+        best = io.read_json(f"{workdir}/best.json")
+        assert best["step"] == STEPS and best["params"] == f"{workdir}/best/{STEPS}/params"
+        assert best["value"] == io.read_json(os.path.join(local_workdir, "best.json"))["value"]
+        opened, local_opened = run_lib.open_run(workdir, best=True), run_lib.open_run(local_workdir, best=True)
+        assert opened.step == STEPS and opened.tokenizer.get_vocab() == local_opened.tokenizer.get_vocab()
+        for a, b in zip(jax.tree.leaves(opened.params), jax.tree.leaves(local_opened.params), strict=True):
+            assert np.array_equal(np.asarray(a), np.asarray(b))
+        # jaxlm.log: uploaded when the command ended; the killed command never got there.
+        log = io.read_text(f"{workdir}/jaxlm.log")
+        assert log.count("resuming from step") == 1 and log.count("model: 182,016 parameters") == 1
+        assert f"checkpoint: saving step {STEPS} to {workdir}/checkpoints" in log
+    # TensorBoard: two event files (killed run, rerun), every step's loss the local run's.
+    events = tensorboard_losses(gcs, workdir, scratch)
+    assert len({name for name, _, _ in events}) == 2
+    assert {step for _, step, _ in events} == set(range(1, STEPS + 1))
+    want = losses(local_workdir)
+    for name, step, loss in events:
+        assert loss == want[step], f"{name}: step {step}"
 
 
 def test_train_files_from_a_bucket_glob_are_the_local_files_dataset_and_losses(gcs, local_run, tmp_path):  # noqa: F811
@@ -231,19 +270,25 @@ def test_only_process_0_prepares_the_others_wait_for_its_upload_or_error(gcs, tm
         data_dir = f"{gcs.fresh_prefix()}/tfds"
         with pytest.raises(UserError, match=r"data\.data_dir: gs://.*/made/cfg/1\.0\.0/dataset_info\.json did not "
                                             r"appear in 0 s .*JAXLM_DATA_WAIT_S"):
-            bucket_data.prepare_on_bucket(data_dir, relative, prepare_locally, process_index=1, wait_s=0.2,
-                                          poll_s=0.05)
+            bucket_data.prepare_on_bucket(data_dir, relative, prepare_locally, process_index=1, attempt=1,
+                                          wait_s=0.2, poll_s=0.05)
         # Process 0 fails: its error report ends the others' wait at once, with its reason.
         with pytest.raises(UserError, match="no documents left"):
-            bucket_data.prepare_on_bucket(data_dir, relative, failing, process_index=0)
+            bucket_data.prepare_on_bucket(data_dir, relative, failing, process_index=0, attempt=1)
         with pytest.raises(UserError, match=r"process 0 could not prepare gs://.*: data\.train_file: no documents"):
-            bucket_data.prepare_on_bucket(data_dir, relative, prepare_locally, process_index=1, wait_s=60)
+            bucket_data.prepare_on_bucket(data_dir, relative, prepare_locally, process_index=1, attempt=1, wait_s=60)
         assert not prepared
+        # The next run (attempt 2): a host that starts before process 0 has removed that report
+        # goes on waiting, however recent the report is.
+        with pytest.raises(UserError, match="did not appear in 0 s"):
+            bucket_data.prepare_on_bucket(data_dir, relative, prepare_locally, process_index=1, attempt=2,
+                                          wait_s=0.3, poll_s=0.05)
         # Process 0 succeeds (the old report goes); a host waiting meanwhile finds the upload.
         results = []
-        waiter = threading.Thread(target=host_1, args=(results, data_dir), kwargs=dict(wait_s=60, poll_s=0.05))
+        waiter = threading.Thread(target=host_1, args=(results, data_dir),
+                                  kwargs=dict(attempt=2, wait_s=60, poll_s=0.05))
         waiter.start()
-        assert bucket_data.prepare_on_bucket(data_dir, relative, prepare_locally, process_index=0) is False
+        assert bucket_data.prepare_on_bucket(data_dir, relative, prepare_locally, process_index=0, attempt=2) is False
         waiter.join(timeout=60)
         assert results == [True] and len(prepared) == 1
         assert not gcs.object_names(f"{data_dir}/jaxlm_prepare_errors/")
