@@ -20,7 +20,8 @@ Everything lands in --out (default benchmarks/figures/gpu_h200_<time>/): a log p
 table as results.md and results.json. Planned to finish in under 8 minutes on one H200, compiles
 included (each command has its own timeout, so a hang costs one row, not the session).
 --dry_run shrinks the model to `:runlocal` shapes (the CPU-trained run to 10 steps), maps cuDNN
-to XLA and forces the CPU, so the suite can run the whole sequence (tests/test_gpu_script.py).
+to XLA, forces the CPU and leaves out the TensorFlow GPU probe (a CPU has no GPU to hide), so
+the suite can run the whole sequence (tests/test_gpu_script.py).
 """
 
 import argparse
@@ -138,10 +139,14 @@ def eval_rows(args, env: dict, cpu_env: dict, out: str) -> dict:
             losses["device_process_gpu_mib"] = gpu_mib
     losses["abs_diff"] = abs(losses["cpu"] - losses["device"])
     losses["within_tolerance"] = losses["abs_diff"] <= EVAL_TOLERANCE
-    probe = ("from jaxlm.commands.common import hide_gpus_from_tensorflow as h; h(); import tensorflow as tf; "
-             "print(len(tf.config.get_visible_devices('GPU')))")
-    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True, check=False)
-    losses["tensorflow_visible_gpus"] = proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 else "error"
+    if args.dry_run:  # No GPU to hide on a CPU (tests/test_console.py checks the hiding itself).
+        losses["tensorflow_visible_gpus"] = "not probed (dry run)"
+    else:
+        probe = ("from jaxlm.commands.common import hide_gpus_from_tensorflow as h; h(); import tensorflow as tf; "
+                 "print(len(tf.config.get_visible_devices('GPU')))")
+        proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True,
+                              check=False)
+        losses["tensorflow_visible_gpus"] = proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 else "error"
     print("jaxlm generate on the device", flush=True)
     code, stdout, _ = run([sys.executable, "-m", "jaxlm", "generate", f"--workdir={workdir}", "--prompt=ROMEO:",
                            "--max_new_tokens=48"], os.path.join(out, "generate.log"), env, args.row_timeout)

@@ -3,19 +3,17 @@ on localhost (tests/gcs_server.py); the data stays local. The endpoint variables
 `jaxlm train` processes; this process reads the bucket through jaxlm.io inside gcs.environ().
 
 - kill -9 at a random step after the first checkpoint, rerun: every step's train/loss is bitwise
-  the uninterrupted local run's; config.json, the tokenizer, checkpoints, TensorBoard events and
-  the eval report are on the bucket.
+  the uninterrupted local run's, and the run directory's pieces are on the bucket: that test runs
+  with the data on the bucket too (test_gcs_data.py), one run covering both.
 - kill -9 while the step-10 checkpoint is being uploaded: the rerun resumes from step 5.
 - the run's tokenizer and the TensorBoard writer at library level.
 """
 
 import os
-import random
 import subprocess
 import sys
 import time
 
-import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -23,7 +21,6 @@ from cli_runner import REPO, cli_env, losses, run_cli, runlocal_train
 from gcs_server import gcs  # noqa: F401  (the module-scoped fixture)
 
 from jaxlm import io, restore, writers
-from jaxlm import run as run_lib
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.errors import UserError
 
@@ -86,52 +83,6 @@ def tensorboard_losses(gcs, workdir, tmp_path):  # noqa: F811
                 if value.tag == "train/loss":
                     found.append((name, event.step, float(np.float32(tf.make_ndarray(value.tensor)))))
     return found
-
-
-def test_kill9_on_a_bucket_then_rerun_is_bitwise_the_local_run(gcs, data_dir, local_run, tmp_path):  # noqa: F811
-    workdir = gcs.url("runs/a")
-    kill_after = random.Random().randint(7, STEPS - 6)  # After the first checkpoint (step 5).
-    proc = start_train(gcs, workdir, data_dir, str(tmp_path / "killed.log"))
-    kill9_when(proc, lambda: max(bucket_losses(gcs, workdir), default=0) >= kill_after, f"step {kill_after}")
-    logged_before_kill = max(bucket_losses(gcs, workdir))
-    assert logged_before_kill < STEPS
-    proc = run_cli(train_args(workdir, data_dir), env=gcs.env)
-    assert proc.stdout.startswith(f"final (step {STEPS},"), proc.stdout
-
-    want, got = losses(local_run), bucket_losses(gcs, workdir)
-    assert sorted(got) == list(range(1, STEPS + 1)), f"killed after step {logged_before_kill}"
-    for step in range(1, STEPS + 1):  # Bitwise: the JSON floats are the float32 losses, exactly.
-        assert got[step] == want[step], f"step {step} differs after a kill at {logged_before_kill}"
-    with gcs.environ():
-        records = io.read_jsonl(f"{workdir}/metrics.jsonl")
-        assert [r["step"] for r in records] == list(range(1, STEPS + 1)), "each step once, in order"
-        assert bucket_losses(gcs, workdir, "eval/loss") == losses(local_run, "eval/loss")
-        # The run directory's other pieces, as a local run has them.
-        assert io.read_json(f"{workdir}/config.json") == io.read_json(os.path.join(local_run, "config.json"))
-        assert io.read_bytes(f"{workdir}/tokenizer/tokenizer.json") == io.read_bytes(
-            os.path.join(local_run, "tokenizer", "tokenizer.json"))
-        assert restore.checkpoint_steps(workdir) == restore.checkpoint_steps(local_run) == [10, 15, 20]
-        assert io.read_json(f"{workdir}/eval_report.json") == io.read_json(os.path.join(local_run, "eval_report.json"))
-        # best/ (orbax, synchronous) and best.json; the params read back from the bucket as a
-        # finished run is opened (config.json, the tokenizer's local copy, a partial restore).
-        best = io.read_json(f"{workdir}/best.json")
-        assert best["step"] == STEPS and best["params"] == f"{workdir}/best/{STEPS}/params"
-        assert best["value"] == io.read_json(os.path.join(local_run, "best.json"))["value"]
-        opened, local = run_lib.open_run(workdir, best=True), run_lib.open_run(local_run, best=True)
-        assert opened.step == STEPS and opened.tokenizer.get_vocab() == local.tokenizer.get_vocab()
-        for a, b in zip(jax.tree.leaves(opened.params), jax.tree.leaves(local.params), strict=True):
-            assert np.array_equal(np.asarray(a), np.asarray(b))
-        # jaxlm.log: uploaded when the command ended; the killed command never got there.
-        log = io.read_text(f"{workdir}/jaxlm.log")
-        assert log.count("resuming from step") == 1 and log.count("model: 182,016 parameters") == 1
-        assert f"checkpoint: saving step {STEPS} to {workdir}/checkpoints" in log
-
-    # TensorBoard: two event files (killed run, rerun), every step's loss the local run's.
-    events = tensorboard_losses(gcs, workdir, tmp_path)
-    assert len({name for name, _, _ in events}) == 2
-    assert {step for _, step, _ in events} == set(range(1, STEPS + 1))
-    for name, step, loss in events:
-        assert loss == want[step], f"{name}: step {step}"
 
 
 def test_kill9_during_a_checkpoint_upload_resumes_from_the_previous(gcs, data_dir, local_run, tmp_path):  # noqa: F811

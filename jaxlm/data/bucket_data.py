@@ -4,7 +4,9 @@ ArrayRecord files can be neither written nor read on gs:// (google/array_record#
 - preparing: process 0 prepares the dataset in a scratch directory of its cache
   (io.cache_dir()) and uploads the version directory, dataset_info.json last: the marker tfds
   checks, so a half upload never looks prepared. The other processes wait for that marker
-  (JAXLM_DATA_WAIT_S seconds at most) or for the error report process 0 uploads when it fails.
+  (JAXLM_DATA_WAIT_S seconds at most) or for the error report process 0 uploads when it fails;
+  a report names its run's attempt (a number process 0 draws and broadcasts), so a former
+  run's report left on the bucket never ends this run's wait.
 - reading: each host copies ("stages") the version directory, or only the shards of the splits
   it reads, into its cache once, under a key made of the objects' names and generations: a
   rerun copies nothing, a rewritten bucket copy is staged anew. tfds and grain read that copy.
@@ -19,6 +21,7 @@ import io as stdlib_io  # jaxlm.io is imported as io below.
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import time
@@ -35,7 +38,6 @@ WAIT_ENV = "JAXLM_DATA_WAIT_S"
 _DEFAULT_WAIT_S = 3600.0  # A large corpus can take process 0 a while to prepare.
 _DOWNLOAD_THREADS = 8  # Shards are fetched in parallel: one stream rarely fills a host's link.
 _COPY_CHUNK = 8 << 20
-_STALE_REPORT_S = 300.0  # Hosts start within minutes of each other (and their clocks agree that well).
 # tfds's shard names: {dataset}-{split}.{format}-{index:05d}-of-{count:05d}.
 _SHARD = re.compile(r"^.+-(?P<split>[^-./]+)\.[a-z_]+-\d{5}-of-\d{5}$")
 
@@ -84,31 +86,48 @@ def _error_url(data_dir: str, relative: str) -> str:
     return f"{_bucket_dir(data_dir)}/jaxlm_prepare_errors/{relative}.json"
 
 
-def _process_index() -> int:
-    """jax.process_index() of a multi-host run (jaxlm joins the others through
-    jax.distributed.initialize); 0 otherwise, without starting a backend (`jaxlm prepare` must
-    not claim a TPU for that)."""
+def _multi_process() -> bool:
+    """True in a multi-host run (jaxlm joins the others through jax.distributed.initialize),
+    found without starting a backend: `jaxlm prepare` must not claim a TPU for that."""
     import jax  # pylint: disable=import-outside-toplevel
     initialized = getattr(jax.distributed, "is_initialized", None)
     if initialized is not None and not initialized():
-        return 0
-    return jax.process_index()
+        return False
+    return jax.process_count() > 1
+
+
+def _process_index() -> int:
+    import jax  # pylint: disable=import-outside-toplevel
+    return jax.process_index() if _multi_process() else 0
+
+
+def _attempt() -> int:
+    """A number every process of this run shares and a former run's almost surely does not:
+    process 0's draw, broadcast. Every process calls this at the same point (a collective)."""
+    draw = secrets.randbits(31)
+    if not _multi_process():
+        return draw
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return int(multihost_utils.broadcast_one_to_all(np.int32(draw)))
 
 
 def prepare_on_bucket(data_dir: str, relative: str, prepare_locally: Callable[[str], None], *,
-                      process_index: int | None = None, wait_s: float | None = None,
-                      poll_s: float = 2.0) -> bool:
+                      process_index: int | None = None, attempt: int | None = None,
+                      wait_s: float | None = None, poll_s: float = 2.0) -> bool:
     """Makes data_dir/relative (a tfds version directory: NAME/CONFIG/VERSION) a complete
     preparation on the bucket; True when it was there already (this process prepared nothing).
 
     prepare_locally(local_data_dir) prepares it as local_data_dir/relative; only process 0 calls
-    it, and keeps its result as this host's staged copy (no download back)."""
+    it, and keeps its result as this host's staged copy (no download back). `attempt`: this
+    run's number (default: _attempt(), which every process must reach)."""
+    attempt = _attempt() if attempt is None else attempt  # Before any return: it is a collective.
     url = f"{_bucket_dir(data_dir)}/{relative}"
     if io.exists(f"{url}/{MARKER}"):
         return True
     index = _process_index() if process_index is None else process_index
     if index != 0:
-        _wait_for(url, _error_url(data_dir, relative), _wait_s() if wait_s is None else wait_s, poll_s)
+        _wait_for(url, _error_url(data_dir, relative), attempt, _wait_s() if wait_s is None else wait_s, poll_s)
         return True
     parent = local_root(data_dir)
     os.makedirs(parent, exist_ok=True)
@@ -122,7 +141,8 @@ def prepare_on_bucket(data_dir: str, relative: str, prepare_locally: Callable[[s
             names = io.copy_tree(local, url, last=MARKER)
         except Exception as e:  # The waiting processes learn why, instead of waiting for nothing.
             message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
-            _report_error(_error_url(data_dir, relative), message.splitlines()[0] if message else repr(e))
+            _report_error(_error_url(data_dir, relative), attempt,
+                          message.splitlines()[0] if message else repr(e))
             raise
         nbytes = sum(os.path.getsize(os.path.join(local, n)) for n in names)
         _log_copy("uploaded", len(names), nbytes, time.monotonic() - start, local, url)
@@ -132,22 +152,22 @@ def prepare_on_bucket(data_dir: str, relative: str, prepare_locally: Callable[[s
     return False
 
 
-def _report_error(error_url: str, message: str) -> None:
+def _report_error(error_url: str, attempt: int, message: str) -> None:
     try:
-        io.write_json_atomic(error_url, {"error": message, "time": time.time()})
+        io.write_json_atomic(error_url, {"error": message, "attempt": attempt, "time": time.time()})
     except Exception as e:  # pylint: disable=broad-except  # The preparation's own error matters more.
         logging.warning("could not report the preparation error to %s: %s", error_url, e)
 
 
-def _wait_for(url: str, error_url: str, wait_s: float, poll_s: float) -> None:
-    """Until process 0 has uploaded url/MARKER; a UserError when it reports a failure, or after
-    wait_s seconds. A report older than _STALE_REPORT_S before the wait began is a former run's
-    (process 0 removes it when it starts again)."""
+def _wait_for(url: str, error_url: str, attempt: int, wait_s: float, poll_s: float) -> None:
+    """Until process 0 has uploaded url/MARKER; a UserError when it reports a failure of this
+    attempt, or after wait_s seconds. A report of another attempt is a former run's (process 0
+    removes it when it starts again), however recent."""
     logging.info("waiting for process 0 to prepare %s (up to %.0f s)", url, wait_s)
-    started, deadline = time.time(), time.monotonic() + wait_s
+    deadline = time.monotonic() + wait_s
     while not io.exists(f"{url}/{MARKER}"):
         report = io.read_json(error_url, default=None)
-        if isinstance(report, dict) and report.get("time", 0) >= started - _STALE_REPORT_S:
+        if isinstance(report, dict) and report.get("attempt") == attempt:
             raise UserError(f"data.data_dir: process 0 could not prepare {url}: {report.get('error', 'see its log')}")
         if time.monotonic() > deadline:
             raise UserError(f"data.data_dir: {url}/{MARKER} did not appear in {wait_s:.0f} s of waiting for "
