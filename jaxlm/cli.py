@@ -11,13 +11,13 @@ import sys
 from typing import Optional
 
 from jaxlm import compat, console
-from jaxlm.commands import aot, bench, common, evaluate, export, generate, predict, prepare, scaling, train
+from jaxlm.commands import aot, bench, common, evaluate, export, generate, predict, prepare, scaling, serve, train
 from jaxlm.errors import UserError
 
 EXIT_USER_ERROR = 2
 
 # `jaxlm --help` lists the commands in this order; a new command is one more module here.
-COMMANDS = (train, evaluate, generate, predict, export, aot, bench, scaling, prepare)
+COMMANDS = (train, evaluate, generate, predict, serve, export, aot, bench, scaling, prepare)
 
 
 def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:

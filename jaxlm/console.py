@@ -10,8 +10,9 @@ The log file is written by process 0 only, and never where a user error must lea
 directory as it was. `jaxlm train` validates the config, data and mesh first, and writes
 DIR/config.json once they passed: the log opens when config.json has been (re)written by this
 command, and until then records are kept in memory (dropped if the command stops before).
-Commands that read a finished run (eval, generate, predict, export) keep their records in
-memory and append them to the run's log when they end, unless they ended with a user error.
+Commands that read a finished run (eval, generate, predict, serve, export) keep their records in
+memory (up to _MAX_BUFFERED) and append them to the run's log when they end, unless they ended
+with a user error.
 A workdir on a bucket (gs://…): objects cannot be appended to, so the records go to a spool file
 in this host's cache (JAXLM_CACHE_DIR/logs/) and DIR/jaxlm.log is rewritten once, with them
 added, when the command ends (by the same rules); a killed command's records stay in its spool.

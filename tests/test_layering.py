@@ -86,7 +86,7 @@ def test_nothing_below_the_command_line_imports_it():
 def test_the_loop_imports_no_inference_command():
     bad = violations(["jaxlm.train", "jaxlm.trainer", "jaxlm.sharded_model", "jaxlm.resolve", "jaxlm.eval_loop",
                       "jaxlm.checkpoint", "jaxlm.tasks"],
-                     ["jaxlm.evaluate", "jaxlm.generate", "jaxlm.predict", "jaxlm.export", "jaxlm.bench",
+                     ["jaxlm.evaluate", "jaxlm.generate", "jaxlm.predict", "jaxlm.serve", "jaxlm.export", "jaxlm.bench",
                       "jaxlm.aot", "jaxlm.scaling"])
     assert not bad, bad
 
