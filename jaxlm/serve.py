@@ -18,6 +18,7 @@ A bad request is a 400 whose "error" names the field; nothing a client sends sto
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional
 
@@ -156,6 +157,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self._started = time.monotonic()
         if self.path == "/health":
             self._send(200, {"status": "ok"})
         elif self.path == "/v1/model":
@@ -165,6 +167,7 @@ class _Handler(BaseHTTPRequestHandler):
                                       f"{self.service.endpoint}"})
 
     def do_POST(self) -> None:  # noqa: N802
+        self._started = time.monotonic()
         routes = {"/v1/generate": self.service.generate, "/v1/classify": self.service.classify}
         try:
             if self.path not in routes:
@@ -194,8 +197,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+        logging.info("serve: %s %s %s %d (%.3f s)", self.address_string(), self.command, self.path, status,
+                     time.monotonic() - self._started)
 
-    def log_message(self, format: str, *args) -> None:  # noqa: A002  # To jaxlm.log, not the console.
+    def log_request(self, code="-", size="-") -> None:
+        pass  # _send logs each answer, with its time.
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002  # http.server's own errors.
         logging.info("serve: %s %s", self.address_string(), format % args)
 
 
