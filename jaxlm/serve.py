@@ -17,6 +17,7 @@ A bad request is a 400 whose "error" names the field; nothing a client sends sto
 """
 
 import json
+import math
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -63,7 +64,8 @@ def _strings(body: dict, one: str, many: str, limit: int, required: bool = True)
 
 def _number(body: dict, name: str, default, kind: type, low=None, high=None):
     value = body.get(name, default)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or float(value).is_integer())
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and (kind is float or float(value).is_integer()))
     if not ok or (low is not None and value < low) or (high is not None and value > high):
         bounds = f" from {low}" if low is not None else ""
         bounds += f" to {high}" if high is not None else ""
@@ -122,17 +124,19 @@ class Service:
         if sampling.top_p == 0:
             raise RequestError("'top_p' must be above 0 (1: off); got 0")
         seed = _number(body, "seed", 0, int, 0, 2 ** 31 - 1)
-        ids = generate.encode_prompts(self.tokenizer, prompts)
-        longest, context = max(len(p) for p in ids), int(self.generator.cfg.max_len)
-        if "max_new_tokens" not in body:  # The server's default gives way to a long prompt, as in `generate`.
-            max_new = max(1, min(max_new, context - longest))
-        if longest + max_new > context:
-            raise RequestError(f"a prompt of {longest} tokens plus max_new_tokens={max_new} is more than the "
-                               f"model's context of {context} tokens; shorten it or lower max_new_tokens")
-        with self._lock:
+        with self._lock:  # The tokenizer too: a fast tokenizer is not safe to share between threads.
+            ids = generate.encode_prompts(self.tokenizer, prompts)
+            longest, context = max(len(p) for p in ids), int(self.generator.cfg.max_len)
+            if "max_new_tokens" not in body:  # The default gives way to a long prompt, as in `generate`.
+                max_new = max(1, min(max_new, context - longest))
+            if longest + max_new > context:
+                raise RequestError(f"a prompt of {longest} tokens plus max_new_tokens={max_new} is more than the "
+                                   f"model's context of {context} tokens; shorten it or lower max_new_tokens")
             rows = self.generator.generate(ids, max_new, sampling, seed=seed, eos_id=self.eos)
-        completions = [{"prompt": prompt, "text": self.tokenizer.decode(row), "new_tokens": len(row),
-                        "stopped": "eos" if len(row) < max_new else "length"} for prompt, row in zip(prompts, rows)]
+            texts = [self.tokenizer.decode(row) for row in rows]
+        completions = [{"prompt": prompt, "text": text, "new_tokens": len(row),
+                        "stopped": "eos" if len(row) < max_new else "length"}
+                       for prompt, text, row in zip(prompts, texts, rows)]
         return {"step": self.step, "completions": completions}
 
     def classify(self, body: dict) -> dict:
@@ -170,13 +174,17 @@ class _Handler(BaseHTTPRequestHandler):
         self._started = time.monotonic()
         routes = {"/v1/generate": self.service.generate, "/v1/classify": self.service.classify}
         try:
+            header = self.headers.get("Content-Length") or "0"
+            length = int(header) if header.strip().isdigit() else -1
+            if not 0 <= length <= MAX_BODY_BYTES:
+                self.close_connection = True  # The body stays unread: the connection ends with this answer.
+                raise RequestError(f"Content-Length {header!r}: give the body's size in bytes, at most "
+                                   f"{MAX_BODY_BYTES}", 413 if length > MAX_BODY_BYTES else 400)
+            raw = self.rfile.read(length)
             if self.path not in routes:
                 raise RequestError(f"no POST {self.path}; this run answers POST {self.service.endpoint}", 404)
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY_BYTES:
-                raise RequestError(f"the body is {length} bytes; at most {MAX_BODY_BYTES}", 413)
             try:
-                body = json.loads(self.rfile.read(length) or b"{}")
+                body = json.loads(raw or b"{}")
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise RequestError(f"the body is not JSON ({e})") from None
             if not isinstance(body, dict):

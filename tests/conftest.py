@@ -98,8 +98,8 @@ LONG_FILES_FIRST = ("test_train.py", "test_multihost.py", "test_streams.py", "te
                     "test_gcs_data.py", "test_gcs_commands.py", "test_faults.py", "test_lora.py", "test_adalora.py",
                     "test_lora_export.py", "test_classification.py", "test_evaluate.py",
                     "test_export.py", "test_aot.py", "test_cli.py", "test_generate.py", "test_old_runs.py",
-                    "test_scaling_sweep.py", "test_packing.py", "test_gpu_script.py", "test_attention_impl.py", "test_console.py",
-                    "test_prepare_beam.py")
+                    "test_scaling_sweep.py", "test_packing.py", "test_gpu_script.py", "test_serve.py",
+                    "test_attention_impl.py", "test_console.py", "test_prepare_beam.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -89,7 +89,7 @@ def test_kill9_with_data_on_a_bucket_then_rerun_on_a_fresh_host_is_bitwise_the_l
     for step in range(1, STEPS + 1):  # Bitwise: the JSON floats are the float32 losses, exactly.
         assert got[step] == want[step], f"step {step} differs after a kill at {logged_before_kill}"
     assert bucket_losses(gcs, workdir, "eval/loss") == losses(local_run[0], "eval/loss")
-    assert_run_dir_is_the_local_ones(gcs, workdir, local_run[0], tmp_path / "events")
+    assert_bucket_run_dir_matches_the_local_one(gcs, workdir, local_run[0], tmp_path / "events")
 
     # The fresh host staged its own copy from the bucket: the same bytes as the bucket's objects,
     # and the shards are the local preparation's.
@@ -110,7 +110,7 @@ def test_kill9_with_data_on_a_bucket_then_rerun_on_a_fresh_host_is_bitwise_the_l
     assert len(host_caches) == 1, host_caches  # The eval split's, for the final evaluation.
 
 
-def assert_run_dir_is_the_local_ones(gcs, workdir, local_workdir, scratch):  # noqa: F811
+def assert_bucket_run_dir_matches_the_local_one(gcs, workdir, local_workdir, scratch):  # noqa: F811
     """A killed-and-rerun run on the bucket holds what the uninterrupted local run holds."""
     with gcs.environ():
         records = io.read_jsonl(f"{workdir}/metrics.jsonl")

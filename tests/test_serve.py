@@ -139,6 +139,16 @@ def test_a_clients_mistakes_are_answered_and_the_server_goes_on(lm_run):
         assert got == 400 and "not JSON" in answer["error"]
         got, answer = call(url, "/v1/generate", raw=b"[1, 2]")
         assert got == 400 and "JSON object" in answer["error"]
+        got, answer = call(url, "/v1/generate", {"prompt": "x", "temperature": float("nan")})
+        assert got == 400 and "'temperature'" in answer["error"]
+        # A body over the limit is refused from its Content-Length, unread; the connection closes.
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=60) as conn:
+            conn.sendall(f"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Length: {serve.MAX_BODY_BYTES + 1}"
+                         "\r\n\r\n".encode())
+            reply = b""
+            while chunk := conn.recv(65536):
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 413") and b"at most" in reply, reply
         assert call(url, "/v1/generate", {"prompt": "x", "max_new_tokens": 2})[0] == 200
         # Without max_new_tokens, the server's default (128) gives way to a long prompt.
         status, answer = call(url, "/v1/generate", {"prompt": "to be or not " * 40})
