@@ -27,7 +27,7 @@ from jaxlm import io
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.errors import UserError
 from jaxlm.models import Model, ModelConfig
-from jaxlm.run import open_run
+from jaxlm.run import RunCheckpoint, find_run
 
 PROMPT_BUCKET = 16  # Prompt lengths are padded up to a multiple of this: fewer compiles.
 SYNC_EVERY = 8  # Without a streaming callback, the host checks for EOS every this many tokens.
@@ -276,11 +276,16 @@ def read_prompts(prompt: Optional[str], prompts_file: Optional[str]) -> list[str
     return prompts
 
 
+def generator_of(found: RunCheckpoint):
+    """(Generator, tokenizer, step) for a causal-LM run's checkpoint, found and not yet opened."""
+    run = found.open(require="generate")
+    return Generator(run.model.model_config, run.params, valid_vocab=len(run.tokenizer)), run.tokenizer, run.step
+
+
 def load_run_generator(workdir: str, overrides: dict[str, str], step: Optional[int] = None, best: bool = False):
     """(Generator, tokenizer, step) for a causal-LM run's checkpoint, on one device unless
     --config.mesh.* overrides ask for more (params restored straight into that mesh)."""
-    run = open_run(workdir, step=step, best=best, overrides=overrides, require="generate")
-    return Generator(run.model.model_config, run.params, valid_vocab=len(run.tokenizer)), run.tokenizer, run.step
+    return generator_of(find_run(workdir, step=step, best=best, overrides=overrides))
 
 
 def encode_prompts(tokenizer, texts: Sequence[str]) -> list[list[int]]:

@@ -8,9 +8,9 @@
     POST /v1/classify   classifier. {"text": "…"} or {"texts": [...]}, and "text_pair(s)" for a
                         pair classifier -> {"step", "labels", "predictions": [{"label", "score", "probs"}]}
 
-The model is opened once through the path every command uses (generate.load_run_generator,
-predict.load_run_classifier), so a request's output is what `jaxlm generate` / `jaxlm predict`
-give for the same input. Requests run one at a time (a lock): each batches its own prompts or
+The model is opened once through the path every command uses (run.find_run, then
+generate.generator_of or predict.classifier_of), so a request's output is what
+`jaxlm generate` / `jaxlm predict` give for the same input. Requests run one at a time (a lock): each batches its own prompts or
 texts, and each new batch shape compiles once (classify pads a batch to a power of two rows, so
 few shapes exist). The standard library's HTTP server: no web framework for four routes.
 A bad request is a 400 whose "error" names the field; nothing a client sends stops the server.
@@ -25,7 +25,8 @@ from typing import Any, Optional
 
 from absl import logging
 
-from jaxlm import generate, predict, restore
+from jaxlm import generate, predict
+from jaxlm import run as run_lib
 from jaxlm.data.tokenizer import eos_id
 from jaxlm.errors import UserError
 from jaxlm.tasks import get_task
@@ -78,20 +79,20 @@ class Service:
 
     def __init__(self, workdir: str, overrides: dict[str, str], *, step: Optional[int] = None, best: bool = False,
                  max_batch: int = 64, max_new_tokens: int = 128):
-        config = restore.load_run_config(workdir, overrides)
-        task = get_task(config.task)
-        self.workdir, self.task_name = workdir, config.task
+        found = run_lib.find_run(workdir, step=step, best=best, overrides=overrides)
+        task = get_task(found.config.task)
+        self.workdir, self.task_name = workdir, found.config.task
         self.max_batch, self.max_new_tokens = max_batch, max_new_tokens
         self._lock = threading.Lock()
         self.classifier = self.generator = None
         if task.can_predict:
-            self.classifier = predict.load_run_classifier(workdir, overrides, step, best)
+            self.classifier = predict.classifier_of(found)
             self.step = self.classifier.step
         elif task.can_generate:
-            self.generator, self.tokenizer, self.step = generate.load_run_generator(workdir, overrides, step, best)
+            self.generator, self.tokenizer, self.step = generate.generator_of(found)
             self.eos = eos_id(self.tokenizer)
         else:
-            raise UserError(f"--workdir={workdir} holds a {config.task} run; serve needs a causal_lm run "
+            raise UserError(f"--workdir={workdir} holds a {found.config.task} run; serve needs a causal_lm run "
                             "(/v1/generate) or a classification run (/v1/classify)")
 
     @property
