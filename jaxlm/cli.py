@@ -3,11 +3,15 @@
 Each command is a module of jaxlm.commands (NAME, HELP, DESCRIPTION, NEEDS, `add_flags(parser)`,
 `run(args, overrides)`).
 A UserError becomes one line on stderr and exit code 2; a diverged run exits 1 with its reason.
+`kill -USR1 PID` prints every thread's Python stack to the console (where a hung host waits).
 """
 
 import argparse
+import faulthandler
 import os
+import signal
 import sys
+import threading
 from typing import Optional
 
 from jaxlm import compat, console
@@ -64,6 +68,13 @@ def _skip_tpu_probe() -> None:
                          "every backend)", platforms)
 
 
+def _stacks_on_sigusr1() -> None:
+    """A pod host that hangs (a collective its peers never joined, a stuck bucket read) shows
+    nothing on its own; SIGUSR1 makes it print where each thread waits, and it keeps running."""
+    if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
 def _help_config(args: argparse.Namespace, overrides: dict[str, str]) -> str:
     from jaxlm import config as config_lib  # pylint: disable=import-outside-toplevel
     if getattr(args, "config", None):
@@ -88,6 +99,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             if not getattr(args, name):
                 raise UserError(f"--{name} is required: jaxlm {args.command} --help shows an example")
         console.setup()
+        _stacks_on_sigusr1()
         _skip_tpu_probe()
         common.hide_gpus_from_tensorflow()
         code = args.handler(args, overrides)

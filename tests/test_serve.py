@@ -5,7 +5,8 @@
   probabilities for the same texts.
 - a client's mistakes are 400/404 answers naming the field or the right endpoint, and the
   server goes on answering; a taken port or a missing run is one line and exit code 2.
-- the command: starts on a free port, prints its URL, answers, stops on SIGTERM with exit 0.
+- the command: starts on a free port, prints its URL, answers, prints every thread's stack on
+  SIGUSR1 and goes on answering, stops on SIGTERM with exit 0.
 """
 
 import contextlib
@@ -191,7 +192,7 @@ def test_classify_answers_what_jaxlm_predict_writes(capsys, cls_run, reviews, tm
         assert got == 404 and "/v1/classify" in answer["error"]
 
 
-def test_the_command_prints_its_url_answers_and_stops_on_sigterm(cls_run, tmp_path):
+def test_the_command_prints_its_url_answers_dumps_stacks_on_sigusr1_and_stops_on_sigterm(cls_run, tmp_path):
     log = tmp_path / "serve.out"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "jaxlm", "serve", f"--workdir={cls_run}", "--port=0"],
@@ -205,13 +206,17 @@ def test_the_command_prints_its_url_answers_and_stops_on_sigterm(cls_run, tmp_pa
         assert url, log.read_text()
         status, answer = call(url, "/v1/classify", {"texts": ["a superb film", "an awful film"]})
         assert status == 200 and len(answer["predictions"]) == 2
+        proc.send_signal(signal.SIGUSR1)  # Every thread's stack on the console; the server goes on.
+        assert call(url, "/v1/classify", {"texts": ["a superb film"]})[0] == 200
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0
     finally:
         if proc.poll() is None:
             proc.kill()
     lines = log.read_text().splitlines()
     assert len(lines) == 2 and lines[1] == f"stopped serving {cls_run}", lines
+    assert "(most recent call first)" in err and "in serve_forever" in err, err[-3000:]
 
 
 def test_a_taken_port_or_a_missing_run_is_one_line_and_exit_2(capsys, lm_run, tmp_path):
