@@ -10,19 +10,17 @@ with a scheme (`://`) only through epath's methods and fsspec, never os.*.
 Buckets (gs://) always go through fsspec + gcsfs (its JSON-API GCSFileSystem), chosen here
 for the whole process when this module is imported: epath would use TensorFlow's gfile
 whenever TensorFlow imports, and gfile hard-codes Google's endpoints, so nothing written
-through it could be tested against a local server. gcsfs finds application-default
-credentials (a TPU VM's service account) itself, and STORAGE_EMULATOR_HOST in tests.
+through it could be tested against a local server (jaxlm/bucket_fs.py sets gcsfs up: no listing
+cache, a timeout on stalled requests). gcsfs finds application-default credentials (a TPU VM's
+service account) itself, and STORAGE_EMULATOR_HOST in tests.
 - A directory on a bucket is a name prefix: it exists once an object is under it, and
   make_dirs has nothing to do there.
 - An object appears whole when its upload finishes, so writes there are atomic without a temp
   object (a rename there would be a copy + delete); a failed upload leaves the old object.
 - No append: JsonlAppender rewrites the whole object at each flush (cost in its docstring).
-- gcsfs's listing cache is off: other processes (tensorstore's checkpoint writes, other
-  hosts) change the bucket behind its back.
 """
 
 import contextlib
-import functools
 import hashlib
 import io as stdlib_io  # This module is jaxlm.io; the standard one is named apart.
 import json
@@ -35,6 +33,7 @@ from typing import IO, Any
 
 from etils import epath
 
+from jaxlm import bucket_fs
 from jaxlm.errors import UserError
 
 PathLike = str | os.PathLike
@@ -55,31 +54,6 @@ def _buckets_through_fsspec() -> None:
 _buckets_through_fsspec()
 
 
-@functools.cache
-def _gcsfs_class() -> type:
-    """gcsfs's JSON-API filesystem, registered with fsspec for gs:// (imported at the first bucket
-    path: it takes ~2 s). gcsfs >= 2026 exports an 'extended' class by default that first asks a
-    gRPC control plane for each bucket's layout (zonal / hierarchical); that is skipped: every
-    operation jaxlm needs is in the JSON API, which tensorstore (orbax's arrays) uses too, and
-    which the test server serves."""
-    import fsspec  # pylint: disable=import-outside-toplevel
-    from gcsfs import core as gcsfs_core  # pylint: disable=import-outside-toplevel
-    cls = gcsfs_core.GCSFileSystem
-    for protocol in ("gs", "gcs"):
-        fsspec.register_implementation(protocol, cls, clobber=True)
-    fsspec.config.conf.setdefault("gs", {})["use_listings_cache"] = False
-    from etils.epath import backend  # pylint: disable=import-outside-toplevel
-    cached = getattr(type(backend.fsspec_backend), "_get_filesystem", None)
-    if hasattr(cached, "cache_clear"):  # A filesystem epath made before the registration.
-        cached.cache_clear()
-    return cls
-
-
-def _bucket_fs():
-    """The fsspec filesystem for gs:// (for what epath does not offer: put, server-side copy)."""
-    return _gcsfs_class()()
-
-
 def cache_dir() -> str:
     """This host's scratch cache: $JAXLM_CACHE_DIR, else jaxlm/ under $XDG_CACHE_HOME or
     ~/.cache. Only derived data goes here (it can always be rebuilt)."""
@@ -95,7 +69,7 @@ def path(p: PathLike) -> epath.Path:
     if not is_remote(text):
         text = os.path.abspath(os.path.expanduser(text))
     elif text.startswith("gs://"):
-        _gcsfs_class()
+        bucket_fs.gcsfs_class()
     return epath.Path(text)
 
 
@@ -125,7 +99,7 @@ def version(p: PathLike) -> str | None:
             st = os.stat(target)
             return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
         if os.fspath(target).startswith("gs://"):
-            return str(_bucket_fs().info(os.fspath(target))["generation"])
+            return str(bucket_fs.filesystem().info(os.fspath(target))["generation"])
         st = target.stat()
         return f"{st.mtime}:{st.length}"
     except FileNotFoundError:
@@ -323,9 +297,9 @@ def copy_file(src: PathLike, dst: PathLike) -> None:
     source, target = path(src), path(dst)
     if is_remote(target):
         if is_remote(source):
-            _bucket_fs().copy(os.fspath(source), os.fspath(target))
+            bucket_fs.filesystem().copy(os.fspath(source), os.fspath(target))
         else:
-            _bucket_fs().put_file(os.fspath(source), os.fspath(target))
+            bucket_fs.filesystem().put_file(os.fspath(source), os.fspath(target))
         return
     with source.open("rb") as f_in, open_atomic(target, binary=True) as f_out:
         shutil.copyfileobj(f_in, f_out)
@@ -395,5 +369,5 @@ def glob_versions(pattern: PathLike) -> dict[str, str]:
         return {m: version(m) for m in found if os.path.isfile(m)}
     if not text.startswith("gs://"):
         raise UserError(f"{text}: only gs:// buckets can be searched with a pattern")
-    found = _gcsfs_class()().glob(text, detail=True)
+    found = bucket_fs.filesystem().glob(text, detail=True)
     return {f"gs://{n}": str(i["generation"]) for n, i in sorted(found.items()) if i.get("type") == "file"}

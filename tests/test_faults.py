@@ -18,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
 
@@ -28,7 +29,7 @@ import pytest
 from cli_runner import REPO, cli_env, losses, run_cli, runlocal_train
 from gcs_server import free_port, gcs  # noqa: F401  (the module-scoped fixture)
 
-from jaxlm import bucket_probe, io, restore
+from jaxlm import bucket_fs, bucket_probe, io, restore
 from jaxlm import run as run_lib
 from jaxlm.errors import UserError
 from jaxlm.lease import LEASE_FILE, Lease
@@ -265,6 +266,71 @@ def test_an_unreachable_storage_endpoint_is_one_line_within_seconds(data_dir, mo
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert error_lines(proc.stderr) == [proc.stderr.strip().splitlines()[-1]], proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(f"jaxlm: error: {expected}"), proc.stderr[-3000:]
+
+
+class StallingEndpoint:
+    """A storage endpoint on localhost whose first connection reads the request and never
+    answers (a half-dead connection); every later one answers 404."""
+
+    def __init__(self):
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.connections = 0
+        self.done = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.done.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._answer, args=(conn, self.connections == 1), daemon=True).start()
+
+    def _answer(self, conn, stall: bool):
+        with conn:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                request += chunk
+            if stall:
+                self.done.wait(60)
+                return
+            body = b'{"error": {"code": 404, "message": "No such object"}}'
+            conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+    def close(self):
+        self.done.set()
+        self.server.close()
+
+
+def test_a_stalled_bucket_request_times_out_and_is_retried(monkeypatch):
+    """gcsfs gives aiohttp no timeout of its own: a connection that never answers would hang the
+    host (and a pod with it). jaxlm's gcsfs setup fails it after STALL_SECONDS of silence and
+    gcsfs retries it; here the retry gets the endpoint's answer (404: a missing object)."""
+    import gcsfs  # pylint: disable=import-outside-toplevel
+    endpoint = StallingEndpoint()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", endpoint.url)
+    monkeypatch.setattr(bucket_fs, "STALL_SECONDS", 1.0)
+    bucket_fs.gcsfs_class.cache_clear()
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    try:
+        start = time.monotonic()
+        with pytest.raises(FileNotFoundError):
+            io.read_bytes("gs://bkt/runs/x/config.json")
+        took = time.monotonic() - start
+    finally:
+        endpoint.close()
+        monkeypatch.undo()
+        bucket_fs.gcsfs_class.cache_clear()
+        bucket_fs.gcsfs_class()  # The defaults again, for the tests after this one.
+        gcsfs.GCSFileSystem.clear_instance_cache()
+    assert endpoint.connections >= 2, "the stalled request was not retried"
+    assert 1.0 <= took < 15, took  # 1 s of silence, gcsfs's first back-off (1-2 s), the 404
 
 
 def test_a_missing_bucket_is_one_line(gcs, data_dir):  # noqa: F811
