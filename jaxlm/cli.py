@@ -72,7 +72,8 @@ def _stacks_on_sigusr1() -> None:
     """A pod host that hangs (a collective its peers never joined, a stuck bucket read) shows
     nothing on its own; SIGUSR1 makes it print where each thread waits, and it keeps running."""
     if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        # File descriptor 2: sys.stderr may be an object without one (an embedding program's).
+        faulthandler.register(signal.SIGUSR1, file=2, all_threads=True)
 
 
 def _help_config(args: argparse.Namespace, overrides: dict[str, str]) -> str:
