@@ -42,13 +42,18 @@ def one_device_run(tmp_path_factory, data_dir):
 
 
 @pytest.fixture(scope="module")
-def mesh_runs(tmp_path_factory, data_dir, one_device_run):
+def mesh_consoles(tmp_path_factory, data_dir, one_device_run):
+    """mesh name -> (workdir, what the run printed on stderr)."""
     runs = {}
     for name, flags in MESHES.items():
         workdir = str(tmp_path_factory.mktemp(name))
-        run_cli(twenty_steps(workdir, data_dir) + flags, devices=8)
-        runs[name] = workdir
+        runs[name] = workdir, run_cli(twenty_steps(workdir, data_dir) + flags, devices=8).stderr
     return runs
+
+
+@pytest.fixture(scope="module")
+def mesh_runs(mesh_consoles):
+    return {name: workdir for name, (workdir, _) in mesh_consoles.items()}
 
 
 def assert_close_per_step(got: dict, want: dict, rtol: float, steps):
@@ -66,6 +71,15 @@ def test_meshes_match_one_device_every_step(mesh, mesh_runs, one_device_run):
     assert_close_per_step(losses(mesh_runs[mesh]), baseline, 1e-4, range(1, 21))
     # The final evaluation agrees too.
     assert_close_per_step(losses(mesh_runs[mesh], "eval/loss"), losses(one_device_run, "eval/loss"), 1e-4, [20])
+
+
+@pytest.mark.parametrize("mesh", list(MESHES))
+def test_no_step_replicates_a_sharded_activation_in_full(mesh, mesh_consoles):
+    """XLA warns when its partitioner can only reshard by replicating a whole array on every
+    device (the embedding gather did, with the table's embed split over fsdp)."""
+    console = mesh_consoles[mesh][1]
+    assert "step 20:" in console
+    assert "Involuntary full rematerialization" not in console, console[-3000:]
 
 
 def test_restore_onto_another_mesh(tmp_path, mesh_runs, data_dir):

@@ -110,15 +110,24 @@ class Embedder(nn.Module):
 
     def __call__(self, tokens: Array, positions: Array, token_type_ids: Optional[Array]) -> Array:
         cfg = self.cfg
-        x = self.token(tokens)
+        x = self._rows(self.token, tokens, "vocab")
         if cfg.positions == "learned":
-            x = x + self.position(positions)
+            x = x + self._rows(self.position, positions)
         if cfg.type_vocab_size:
             types = jnp.zeros_like(tokens) if token_type_ids is None else token_type_ids
-            x = x + self.token_type(types)
+            x = x + self._rows(self.token_type, types)
         if cfg.embed_norm:
             x = self.norm(x)
         return x
+
+    def _rows(self, table: nn.Embed, ids: Array, rows_axis: Optional[str] = None) -> Array:
+        """table[ids], gathered from the table made whole along `embed` first (as FSDP does for
+        every weight it uses). The table splits embed over fsdp and the ids split batch over
+        data+fsdp; a gather cannot keep both, and XLA then replicated the whole (batch, length,
+        embed) output on every device before splitting it by batch ("involuntary full
+        rematerialization"), in the train and the eval step alike."""
+        whole = nn.with_logical_constraint(table.embedding, (rows_axis, None))
+        return jnp.take(whole.astype(self.cfg.compute_dtype), ids, axis=0)
 
     def attend(self, x: Array) -> Array:
         if self.cfg.matmul_input_dtype != self.cfg.compute_dtype:
@@ -344,6 +353,15 @@ class Transformer(nn.Module):
         if cfg.norm_position == "pre":
             x = self.final_norm(x)
         return x
+
+    def _rows(self, table: nn.Embed, ids: Array, rows_axis: Optional[str] = None) -> Array:
+        """table[ids], gathered from the table made whole along `embed` first (as FSDP does for
+        every weight it uses). The table splits embed over fsdp and the ids split batch over
+        data+fsdp; a gather cannot keep both, and XLA then replicated the whole (batch, length,
+        embed) output on every device before splitting it by batch ("involuntary full
+        rematerialization"), in the train and the eval step alike."""
+        whole = nn.with_logical_constraint(table.embedding, (rows_axis, None))
+        return jnp.take(whole.astype(self.cfg.compute_dtype), ids, axis=0)
 
     def attend(self, x: Array) -> Array:
         """Logits through the tied token embedding."""
