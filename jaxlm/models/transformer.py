@@ -354,15 +354,6 @@ class Transformer(nn.Module):
             x = self.final_norm(x)
         return x
 
-    def _rows(self, table: nn.Embed, ids: Array, rows_axis: Optional[str] = None) -> Array:
-        """table[ids], gathered from the table made whole along `embed` first (as FSDP does for
-        every weight it uses). The table splits embed over fsdp and the ids split batch over
-        data+fsdp; a gather cannot keep both, and XLA then replicated the whole (batch, length,
-        embed) output on every device before splitting it by batch ("involuntary full
-        rematerialization"), in the train and the eval step alike."""
-        whole = nn.with_logical_constraint(table.embedding, (rows_axis, None))
-        return jnp.take(whole.astype(self.cfg.compute_dtype), ids, axis=0)
-
     def attend(self, x: Array) -> Array:
         """Logits through the tied token embedding."""
         return self.embed.attend(x)
