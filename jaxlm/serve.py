@@ -9,10 +9,10 @@
                         pair classifier -> {"step", "labels", "predictions": [{"label", "score", "probs"}]}
 
 The model is opened once through the path every command uses (run.find_run, then
-generate.generator_of or predict.classifier_of), so a request's output is what
-`jaxlm generate` / `jaxlm predict` give for the same input. Requests run one at a time (a lock): each batches its own prompts or
-texts, and each new batch shape compiles once (classify pads a batch to a power of two rows, so
-few shapes exist). The standard library's HTTP server: no web framework for four routes.
+generate.generator_of or predict.classifier_of), so a request's output is what `jaxlm generate` /
+`jaxlm predict` give for the same input. Requests run one at a time (a lock): each batches its own
+prompts or texts, and each new batch shape compiles once (classify pads a batch to a power of two
+rows, so few shapes exist). The standard library's HTTP server: no web framework for four routes.
 A bad request is a 400 whose "error" names the field; nothing a client sends stops the server.
 """
 

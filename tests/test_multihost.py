@@ -71,21 +71,21 @@ def wait_for_step(workdir, procs, step: int, timeout: float = 300) -> None:
 
 
 def wait_all(procs, timeout=300) -> list[int]:
-    """Exit codes; a process still running at the deadline first prints its threads' stacks into
-    its log (SIGUSR1, jaxlm/cli.py), then is killed: a hang shows where each host waited."""
+    """Exit codes; processes still running at the deadline first print their threads' stacks
+    into their logs (SIGUSR1, jaxlm/cli.py), then are killed: a hang shows where each host waited."""
     deadline = time.time() + timeout
-    codes = []
     for p in procs:
         try:
-            codes.append(p.wait(timeout=max(deadline - time.time(), 1)))
+            p.wait(timeout=max(deadline - time.time(), 1))
         except subprocess.TimeoutExpired:
-            for q in procs:
-                if q.poll() is None:
-                    q.send_signal(signal.SIGUSR1)
+            running = [q for q in procs if q.poll() is None]
+            for q in running:
+                q.send_signal(signal.SIGUSR1)
             time.sleep(3)
-            p.kill()
-            codes.append(p.wait())
-    return codes
+            for q in running:
+                q.kill()
+            break
+    return [p.wait() for p in procs]
 
 
 def log_text(log_dir, i) -> str:
